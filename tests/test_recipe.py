@@ -1,0 +1,64 @@
+import pytest
+
+from vigu_cli.recipe import RecipeError, available_recipes, dump_recipe, load_recipe
+
+
+def test_shipped_recipes_load():
+    names = available_recipes()
+    assert {"world-tiny", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b"} <= set(names)
+    for name in names:
+        recipe = load_recipe(name)
+        assert recipe.name == name
+
+
+def test_wan_recipes_carry_the_real_architectures():
+    small, big = load_recipe("wan2.1-t2v-1.3b"), load_recipe("wan2.1-t2v-14b")
+    assert (small.model.transformer.num_layers, small.model.transformer.num_attention_heads) == (30, 12)
+    assert (big.model.transformer.num_layers, big.model.transformer.num_attention_heads) == (40, 40)
+    assert small.model.transformer.ffn_dim == 8960 and big.model.transformer.ffn_dim == 13824
+    assert small.text.max_length == 256 and small.model.prompt_max_length == 512
+
+
+def test_override_is_type_checked_and_applied():
+    recipe = load_recipe("world-tiny", ["sampling.steps=7", "flow.lambda_text=2", "sampling.solver=heun"])
+    assert recipe.sampling.steps == 7 and recipe.sampling.solver == "heun"
+    assert recipe.flow.lambda_text == 2.0
+    assert load_recipe("world-tiny", ["model.transformer.patch_size=[1,2,2]"]).model.transformer.patch_size == [1, 2, 2]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("sampling.stpes=3", "unknown recipe key 'sampling.stpes' in sampling: did you mean 'steps'?"),
+        ("sampling.steps=abc", "'sampling.steps' must be int, got str 'abc'"),
+        ("sampling.solver=heunn", "did you mean 'heun'?"),
+        ("flow.lambda_text=aut", "'flow.lambda_text' must be 'auto' or float"),
+        ("smapling.steps=3", "did you mean 'sampling'?"),
+        ("sampling.steps.x=3", "'sampling.steps' is a value, not a section"),
+        ("sampling.steps", "must look like section.key=value"),
+    ],
+)
+def test_bad_overrides_give_one_line(override, message):
+    with pytest.raises(RecipeError) as info:
+        load_recipe("world-tiny", [override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_key_in_yaml_names_closest(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: x\nmodel:\n  transfomer:\n    num_layers: 2\n")
+    with pytest.raises(RecipeError, match="unknown recipe key 'model.transfomer' in model: did you mean 'transformer'"):
+        load_recipe(path)
+
+
+def test_unknown_recipe_name():
+    with pytest.raises(RecipeError, match="did you mean 'world-tiny'"):
+        load_recipe("world-tiy")
+
+
+def test_dump_round_trips(tmp_path):
+    recipe = load_recipe("world-tiny", ["sampling.steps=9"])
+    path = tmp_path / "dumped.yaml"
+    path.write_text(dump_recipe(recipe))
+    assert load_recipe(path) == recipe

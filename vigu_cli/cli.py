@@ -1,0 +1,90 @@
+"""The `vigu` command line. One function per subcommand, each a few lines over the core."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import VigUError
+from .recipe import dump_recipe, load_recipe
+
+app = typer.Typer(
+    name="vigu",
+    help="Uni-ViGU: a Wan2.1 text-to-video transformer turned into a unified video generation and "
+    "understanding model (build a dataset, train, caption, generate, joint).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="Recipe name (see `vigu recipe`) or YAML path.")]
+SetOpt = Annotated[
+    Optional[list[str]], typer.Option("--set", help="Override a recipe value: section.key=value (repeatable).")
+]
+
+
+def not_built(command: str, version: str, issue: int) -> None:
+    """Unbuilt commands say so and fail; they never print made-up output."""
+    console.print(f"error: `vigu {command}` is not built yet: it arrives in vigu {version} (issue #{issue}).")
+    raise typer.Exit(2)
+
+
+@app.command()
+def recipe(
+    name: Annotated[str, typer.Argument(help="Recipe name or YAML path.")] = "world-tiny",
+    set_: SetOpt = None,
+) -> None:
+    """Print a recipe with every default filled in and overrides applied."""
+    print(dump_recipe(load_recipe(name, set_)), end="")
+
+
+@app.command("build-dataset")
+def build_dataset() -> None:
+    """Prompts -> videos -> LLM-written detailed captions -> cached latents and embeddings."""
+    not_built("build-dataset", "0.2", 4)
+
+
+@app.command()
+def train() -> None:
+    """Train a stage (base | recall | refine) in one Accelerate loop."""
+    not_built("train", "0.3", 5)
+
+
+@app.command()
+def caption() -> None:
+    """Video understanding: write a detailed caption for each clip."""
+    not_built("caption", "0.4", 6)
+
+
+@app.command()
+def generate() -> None:
+    """Text-to-video: generate a clip for each prompt."""
+    not_built("generate", "0.4", 6)
+
+
+@app.command()
+def joint() -> None:
+    """Joint generation: a clip and its detailed caption together, both from noise."""
+    not_built("joint", "0.4", 6)
+
+
+@app.command("eval")
+def evaluate() -> None:
+    """Score a model: captioning, prompt following, joint coherence, BLEU-4 / ROUGE-L / CIDEr."""
+    not_built("eval", "0.4", 6)
+
+
+def main() -> None:
+    try:
+        app()
+    except VigUError as exc:
+        console.print(f"error: {exc}", markup=False, highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

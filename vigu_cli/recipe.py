@@ -1,0 +1,295 @@
+"""YAML recipes -> typed dataclasses.
+
+A recipe is one YAML file whose sections mirror the dataclasses below. Loading checks every key and
+every value's type; an unknown key or a wrong type is a `RecipeError` with one line naming the key and,
+for unknown keys, the closest valid one. `--set a.b=c` overrides go through the same checks.
+
+Recipes ship in `vigu_cli/recipes/` (also reachable as `recipes/` at the repository root) and are named
+by file stem (`world-tiny`) or given as a path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import VigUError
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class RecipeError(VigUError):
+    """A recipe problem, phrased as one line for the user."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TransformerArch:
+    """`UniViGUTransformer` architecture, used when the model is built from scratch (the world) and for
+    memory estimates. A pretrained folder's own config wins over these values."""
+
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
+    num_attention_heads: int = 2
+    attention_head_dim: int = 32
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 32
+    freq_dim: int = 64
+    ffn_dim: int = 256
+    num_layers: int = 2
+    cross_attn_norm: bool = True
+    qk_norm: str = "rms_norm_across_heads"
+    eps: float = 1e-6
+    rope_max_seq_len: int = 1024
+
+
+@dataclass
+class TextEncoderArch:
+    """A `UMT5EncoderModel` config, used only when the text encoder is built from scratch (the world)."""
+
+    vocab_size: int = 256
+    d_model: int = 32
+    d_kv: int = 16
+    d_ff: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    relative_attention_num_buckets: int = 8
+    max_length: int = 512
+
+
+@dataclass
+class VaeArch:
+    """The autoencoder: `world` (the exact patch autoencoder) or `wan` (`AutoencoderKLWan`)."""
+
+    kind: Literal["world", "wan"] = "world"
+    temporal_fold: int = 4
+    spatial_fold: int = 4
+    base_dim: int = 96
+    z_dim: int = 16
+
+
+@dataclass
+class ModelSection:
+    """Where the model comes from.
+
+    `base: world` builds the world's components from the architectures below; `base: <path>` loads a
+    local folder: a stock diffusers Wan2.1 folder (converted on the fly) or a vigu folder.
+    """
+
+    base: str = "world"
+    height: int = 64
+    width: int = 64
+    num_frames: int = 17
+    fps: int = 8
+    prompt_max_length: int = 512
+    normalize_latents: bool = True
+    transformer: TransformerArch = field(default_factory=TransformerArch)
+    text_encoder: TextEncoderArch = field(default_factory=TextEncoderArch)
+    vae: VaeArch = field(default_factory=VaeArch)
+
+
+@dataclass
+class TextSection:
+    """The text stream (DESIGN.md section 4)."""
+
+    formulation: Literal["embedding", "discrete"] = "embedding"
+    tokenizer: str = "world"  # `world` (the world's word-level tokenizer), `umt5` (the Wan folder's), or a path
+    max_length: int = 48
+    latent_dim: int = 32  # d_t of the embedding formulation
+    ffn_text_init: Literal["copy", "new"] = "copy"
+    ffn_text_dim: int = 0  # 0: same width as the video FFN
+    rounding_weight: float = 1.0  # Diffusion-LM rounding cross-entropy (embedding formulation)
+    kappa_exponent: float = 1.0  # discrete formulation: kappa(tau) = tau ** n
+    discrete_source: Literal["uniform", "mask"] = "uniform"
+
+
+@dataclass
+class FlowSection:
+    """Training-time flow settings for both streams (paper section 3.1; DESIGN.md section 4)."""
+
+    tau_sampling: Literal["uniform", "logit_normal", "shifted"] = "uniform"
+    tau_shift: float = 1.0
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    corner_prob: float = 0.0  # probability of sampling a task corner (tau_v = 1 or tau_t = 1)
+    lambda_video: float = 1.0
+    lambda_text: Literal["auto"] | float = "auto"  # "auto": |z_v| / |z_t| (paper)
+
+
+@dataclass
+class SamplingSection:
+    """Defaults of the one solver used by every mode (DESIGN.md section 6)."""
+
+    steps: int = 25
+    solver: Literal["euler", "heun"] = "euler"
+    shift: float = 3.0
+    guidance_video: float = 5.0
+    guidance_text: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class Recipe:
+    name: str = "unnamed"
+    model: ModelSection = field(default_factory=ModelSection)
+    text: TextSection = field(default_factory=TextSection)
+    flow: FlowSection = field(default_factory=FlowSection)
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading and overriding
+# ----------------------------------------------------------------------------------------------------
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def resolve_recipe_path(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    named = RECIPES_DIR / f"{name_or_path}.yaml"
+    if named.is_file():
+        return named
+    hint = _closest(str(name_or_path), available_recipes())
+    raise RecipeError(
+        f"recipe '{name_or_path}' not found: give a YAML path or one of {', '.join(available_recipes())}"
+        + (f" (did you mean '{hint}'?)" if hint else "")
+    )
+
+
+def load_recipe(name_or_path: str | Path = "world-tiny", overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe by name or path, then apply `a.b=c` overrides, all type-checked."""
+    path = resolve_recipe_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
+    recipe = build(Recipe, data, "")
+    for item in overrides or []:
+        apply_override(recipe, item)
+    return recipe
+
+
+def apply_override(recipe: Any, item: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML, then type-checked."""
+    if "=" not in item:
+        raise RecipeError(f"override '{item}' must look like section.key=value, e.g. sampling.steps=10")
+    dotted, raw = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    target = recipe
+    for depth, key in enumerate(keys):
+        names = [f.name for f in dataclasses.fields(target)]
+        if key not in names:
+            where = ".".join(keys[:depth]) or "the recipe"
+            raise RecipeError(_unknown_key_message(".".join(keys[: depth + 1]), key, names, where))
+        if depth == len(keys) - 1:
+            hint = typing.get_type_hints(type(target))[key]
+            setattr(target, key, convert(hint, yaml.safe_load(raw), dotted))
+        else:
+            target = getattr(target, key)
+            if not dataclasses.is_dataclass(target):
+                raise RecipeError(f"'{'.'.join(keys[: depth + 1])}' is a value, not a section")
+
+
+def to_dict(recipe: Any) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def dump_recipe(recipe: Any) -> str:
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False)
+
+
+def build(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, checking keys and types; `where` is the dotted path."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"'{where or 'recipe'}' must be a mapping, got {type(data).__name__}: {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise RecipeError(_unknown_key_message(dotted, str(key), names, where or "the recipe"))
+        kwargs[key] = convert(hints[key], value, dotted)
+    return cls(**kwargs)
+
+
+def convert(hint: Any, value: Any, where: str) -> Any:
+    """Check `value` against type `hint` (dataclass, Literal, Union, list, dict, scalar); return it converted."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, where)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            hint_word = _closest(str(value), [str(c) for c in choices])
+            raise RecipeError(
+                f"'{where}' must be one of {', '.join(map(str, choices))}, got {value!r}"
+                + (f" (did you mean '{hint_word}'?)" if hint_word else "")
+            )
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return convert(option, value, where)
+            except RecipeError:
+                pass
+        raise RecipeError(f"'{where}' must be {' or '.join(_type_name(o) for o in typing.get_args(hint))}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"'{where}' must be a list, got {value!r}")
+        (item_hint,) = typing.get_args(hint) or (Any,)
+        return [convert(item_hint, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"'{where}' must be a mapping, got {value!r}")
+        key_hint, value_hint = typing.get_args(hint) or (Any, Any)
+        return {convert(key_hint, k, where): convert(value_hint, v, f"{where}.{k}") for k, v in value.items()}
+    if hint is Any:
+        return value
+    if hint is type(None):
+        if value is not None:
+            raise RecipeError(f"'{where}' must be null, got {value!r}")
+        return None
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float) and isinstance(value, bool):
+        raise RecipeError(f"'{where}' must be {hint.__name__}, got {value!r}")
+    if not isinstance(value, hint):
+        raise RecipeError(f"'{where}' must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(repr(c) for c in typing.get_args(hint))
+    return getattr(hint, "__name__", str(hint))
+
+
+def _closest(word: str, options: list[str]) -> str | None:
+    matches = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
+    return matches[0] if matches else None
+
+
+def _unknown_key_message(dotted: str, key: str, names: list[str], where: str) -> str:
+    hint = _closest(key, names)
+    suggestion = f"did you mean '{hint}'?" if hint else f"valid keys: {', '.join(names)}"
+    return f"unknown recipe key '{dotted}' in {where}: {suggestion}"
