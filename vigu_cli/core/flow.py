@@ -1,0 +1,240 @@
+"""Flow matching for both streams, in diffusers' conventions, and the one solver used by every mode.
+
+The paper writes tau in [0, 1] with tau = 0 noise, tau = 1 data, and a network predicting
+u = data - noise. vigu follows diffusers Wan: `sigma = 1 - tau`, `timestep = 1000 * sigma`, and the
+network predicts `noise - data` (= -u). This module is the only place that converts; everything else
+speaks sigma.
+
+Streams: the video stream is always continuous; the text stream is whatever `TextFlow` the model
+uses (`core/text.py`). The solver never branches on the formulation: continuous text integrates like
+video, and any text flow steps through `TextFlow.step`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from ..recipe import FlowSection
+
+# ----------------------------------------------------------------------------------------------------
+# Time
+# ----------------------------------------------------------------------------------------------------
+
+
+def tau_to_sigma(tau: torch.Tensor | float) -> torch.Tensor | float:
+    """Paper time (tau = 1 data) -> diffusers sigma (sigma = 1 noise)."""
+    return 1.0 - tau
+
+
+def sigma_to_timestep(sigma: torch.Tensor) -> torch.Tensor:
+    """The transformer's timestep input: 0 = clean, 1000 = pure noise."""
+    return sigma * 1000.0
+
+
+def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """The shift of diffusers' flow-matching schedulers: pushes sigmas towards noise for shift > 1."""
+    return shift * sigma / (1.0 + (shift - 1.0) * sigma)
+
+
+def _broadcast(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return sigma.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+
+def interpolate(data: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x_sigma = (1 - sigma) * data + sigma * noise, sigma per sample (paper eq. 6-7 with tau = 1 - sigma)."""
+    s = _broadcast(sigma, data)
+    return (1.0 - s) * data + s * noise
+
+
+def velocity_target(data: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """What the network predicts: d x_sigma / d sigma = noise - data."""
+    return noise - data
+
+
+def predicted_data(x: torch.Tensor, prediction: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The clean sample implied by a prediction at x_sigma: data = x_sigma - sigma * (noise - data)."""
+    return x - _broadcast(sigma, x) * prediction
+
+
+def sample_sigmas(
+    batch: int, cfg: FlowSection, generator: Optional[torch.Generator] = None, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Independent (sigma_v, sigma_t) per sample (paper: tau_v, tau_t ~ U(0, 1) independently).
+
+    `cfg.tau_sampling`: `uniform`; `logit_normal` (sigma = sigmoid(N(logit_mean, logit_std)), SD3);
+    `shifted` (uniform, then the scheduler shift `tau_shift`). With probability `cfg.corner_prob` a
+    sample is put on a task corner instead: half of them understanding (video clean, sigma_v = 0),
+    half generation (text clean, sigma_t = 0).
+    """
+
+    def draw() -> torch.Tensor:
+        if cfg.tau_sampling == "logit_normal":
+            normal = torch.randn(batch, generator=generator, device=device)
+            return torch.sigmoid(cfg.logit_mean + cfg.logit_std * normal)
+        sigma = torch.rand(batch, generator=generator, device=device)
+        return shift_sigma(sigma, cfg.tau_shift) if cfg.tau_sampling == "shifted" else sigma
+
+    sigma_v, sigma_t = draw(), draw()
+    corner = torch.rand(batch, generator=generator, device=device) < cfg.corner_prob
+    understanding = torch.rand(batch, generator=generator, device=device) < 0.5
+    sigma_v = torch.where(corner & understanding, torch.zeros_like(sigma_v), sigma_v)
+    sigma_t = torch.where(corner & ~understanding, torch.zeros_like(sigma_t), sigma_t)
+    return sigma_v, sigma_t
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loss
+# ----------------------------------------------------------------------------------------------------
+
+
+def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per sample, i.e. the per-token (per-element) mean of the paper's ||.||^2."""
+    return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+def text_weight(lambda_text: str | float, num_video_tokens: int, num_text_tokens: int) -> float:
+    """Weight of the text stream's per-token mean loss relative to the video stream's.
+
+    The paper sums squared errors over tokens with lambda_v = 1 and lambda_t = |z_v| / |z_t|; divided by
+    |z_v| that is `mean_v + mean_t`, so `auto` gives weight 1. A number is the paper's lambda_t on
+    summed errors, i.e. weight lambda_t * |z_t| / |z_v| on the mean.
+    """
+    if lambda_text == "auto":
+        return 1.0
+    return float(lambda_text) * num_text_tokens / max(num_video_tokens, 1)
+
+
+def unified_loss(
+    video_loss: Optional[torch.Tensor],
+    text_loss: Optional[torch.Tensor],
+    cfg: FlowSection,
+    num_video_tokens: int,
+    num_text_tokens: int,
+    video_weight: Optional[torch.Tensor] = None,
+    text_weight_mask: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Paper eq. 11 on per-sample, per-token-mean losses `[B]` of each present stream.
+
+    The weight masks zero the samples where a stream was clean (sigma = 0, a task corner): its target,
+    noise - data, cannot be predicted from clean data and would only add noise to the gradient.
+    """
+    total = None
+    parts: dict[str, float] = {}
+    for name, loss, weight, lam in (
+        ("video", video_loss, video_weight, cfg.lambda_video),
+        ("text", text_loss, text_weight_mask, text_weight(cfg.lambda_text, num_video_tokens, num_text_tokens)),
+    ):
+        if loss is None:
+            continue
+        weighted = (loss * weight).mean() if weight is not None else loss.mean()
+        parts[f"loss_{name}"] = float(weighted.detach())
+        total = lam * weighted if total is None else total + lam * weighted
+    if total is None:
+        raise ValueError("unified_loss needs at least one stream")
+    parts["loss"] = float(total.detach())
+    return total, parts
+
+
+# ----------------------------------------------------------------------------------------------------
+# Solver
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stream:
+    """One stream's state for the solver. A frozen stream keeps `x` and is shown at `frozen_sigma`
+    (0 = clean: the video of `caption`, the prompt tokens of `generate`)."""
+
+    x: torch.Tensor
+    frozen: bool = False
+    frozen_sigma: float = 0.0
+
+
+# model_fn(video_x, text_x, video_timestep[B], text_timestep[B], condition) -> (video_pred, text_pred)
+ModelFn = Callable[..., tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]
+
+
+def time_grid(steps: int, shift: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(sigmas[steps + 1], timesteps[steps])` exactly as diffusers' `FlowMatchEulerDiscreteScheduler`
+    (shift, last sigma 0) lays them out, i.e. the grid `WanPipeline` steps through."""
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(steps, device=device)
+    return scheduler.sigmas, scheduler.timesteps
+
+
+class FlowSolver:
+    """Integrates whichever streams are not frozen from sigma = 1 to 0 (Euler or Heun), with
+    classifier-free guidance on the prompt condition and a scale per stream."""
+
+    def __init__(self, steps: int = 25, method: str = "euler", shift: float = 3.0):
+        if method not in ("euler", "heun"):
+            raise ValueError(f"unknown solver '{method}': use euler or heun")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        self.steps, self.method, self.shift = steps, method, shift
+
+    def __call__(
+        self,
+        model_fn: ModelFn,
+        video: Optional[Stream],
+        text: Optional[Stream],
+        text_flow=None,
+        condition=None,
+        uncondition=None,
+        guidance_video: float = 1.0,
+        guidance_text: float = 1.0,
+        generator: Optional[torch.Generator] = None,
+        callback: Optional[Callable[[int, int], None]] = None,
+    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        some = video.x if video is not None else text.x
+        sigmas, timesteps = time_grid(self.steps, self.shift, device=some.device)
+        batch = some.shape[0]
+        guided = uncondition is not None and (guidance_video > 1.0 or guidance_text > 1.0)
+
+        def timestep_of(stream: Optional[Stream], timestep: torch.Tensor) -> Optional[torch.Tensor]:
+            if stream is None:
+                return None
+            if stream.frozen:
+                return torch.full((batch,), stream.frozen_sigma * 1000.0, device=some.device)
+            return timestep.expand(batch)
+
+        def predict(x_v, x_t, timestep):
+            t_v, t_t = timestep_of(video, timestep), timestep_of(text, timestep)
+            pred_v, pred_t = model_fn(x_v, x_t, t_v, t_t, condition)
+            if guided:
+                un_v, un_t = model_fn(x_v, x_t, t_v, t_t, uncondition)
+                pred_v, pred_t = _guide(pred_v, un_v, guidance_video), _guide(pred_t, un_t, guidance_text)
+            return pred_v, pred_t
+
+        x_v = video.x if video is not None else None
+        x_t = text.x if text is not None else None
+        flows_v = video is not None and not video.frozen
+        flows_t = text is not None and not text.frozen
+        for i in range(self.steps):
+            sigma, sigma_next = sigmas[i], sigmas[i + 1]
+            dt = sigma_next - sigma
+            d_v, d_t = predict(x_v, x_t, timesteps[i])
+            new_v = x_v + dt * d_v if flows_v else x_v
+            new_t = text_flow.step(x_t, d_t, sigma, sigma_next, generator) if flows_t else x_t
+            if self.method == "heun" and sigma_next > 0:
+                e_v, e_t = predict(new_v, new_t, timesteps[i + 1])
+                if flows_v:
+                    new_v = x_v + dt * (d_v + e_v) / 2
+                if flows_t and text_flow.continuous:
+                    new_t = x_t + dt * (d_t + e_t) / 2
+            x_v, x_t = new_v, new_t
+            if callback is not None:
+                callback(i + 1, self.steps)
+        return x_v, x_t
+
+
+def _guide(cond: Optional[torch.Tensor], uncond: Optional[torch.Tensor], scale: float) -> Optional[torch.Tensor]:
+    """Classifier-free guidance (on velocities, or on logits for the discrete text flow); scale 1
+    returns the conditional prediction itself."""
+    if cond is None or scale == 1.0:
+        return cond
+    return uncond + scale * (cond - uncond)
