@@ -136,6 +136,7 @@ class SamplingSection:
     shift: float = 3.0
     guidance_video: float = 5.0
     guidance_text: float = 1.0
+    generate_text: Literal["prompt", "none"] = "prompt"  # text stream of `generate`: clean prompt tokens, or none
     seed: int = 0
 
 

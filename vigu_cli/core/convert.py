@@ -1,0 +1,140 @@
+"""Folders in and out: stock diffusers Wan2.1 <-> vigu (Uni-ViGU) pipeline folders.
+
+- `vigu_from_wan`: a stock `WanPipeline` + a recipe -> `UniViGUPipeline` whose transformer holds the
+  pretrained weights and new text parameters initialised as the recipe says.
+- `wan_from_vigu`: the video path of a vigu pipeline as a stock `WanPipeline` (text parameters dropped).
+- `load_pipeline`: any local folder (stock Wan: converted on the fly; vigu: loaded) as a
+  `UniViGUPipeline`, offline.
+- `save_folder`: `save_pretrained` to a temporary sibling, then rename: never a half-written folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from diffusers import WanPipeline, WanTransformer3DModel
+from transformers import AutoTokenizer
+
+from ..data.world_text import build_world_tokenizer
+from ..errors import VigUError
+from ..recipe import Recipe
+from .model import UniViGUTransformer
+from .pipeline import UniViGUPipeline
+
+
+def text_stream_tokenizer(recipe: Recipe, prompt_tokenizer):
+    """The text stream's tokenizer: the world's, the Wan folder's umT5 tokenizer, or a folder."""
+    name = recipe.text.tokenizer
+    if name == "world":
+        return build_world_tokenizer()
+    if name == "umt5":
+        return prompt_tokenizer
+    if not Path(name).is_dir():
+        raise VigUError(f"text.tokenizer '{name}' is not world, umt5 or a tokenizer folder: fix text.tokenizer")
+    return AutoTokenizer.from_pretrained(name, local_files_only=True)
+
+
+def vigu_from_wan(wan: WanPipeline, recipe: Recipe) -> UniViGUPipeline:
+    """Extend a stock Wan pipeline into Uni-ViGU (new text parameters as the recipe's `text` section says)."""
+    text_tokenizer = text_stream_tokenizer(recipe, wan.tokenizer)
+    text = recipe.text
+    transformer = UniViGUTransformer.from_wan(
+        wan.transformer,
+        text_formulation=text.formulation,
+        text_vocab_size=len(text_tokenizer),
+        text_latent_dim=text.latent_dim,
+        text_ffn_dim=None if text.ffn_text_init == "copy" or not text.ffn_text_dim else text.ffn_text_dim,
+        text_max_length=text.max_length,
+    )
+    model, sampling = recipe.model, recipe.sampling
+    return UniViGUPipeline(
+        tokenizer=wan.tokenizer,
+        text_encoder=wan.text_encoder,
+        vae=wan.vae,
+        scheduler=wan.scheduler.__class__.from_config(wan.scheduler.config, shift=sampling.shift),
+        transformer=transformer,
+        text_tokenizer=text_tokenizer,
+        text_formulation=text.formulation,
+        text_max_length=text.max_length,
+        text_rounding_weight=text.rounding_weight,
+        text_kappa_exponent=text.kappa_exponent,
+        text_discrete_source=text.discrete_source,
+        prompt_max_length=model.prompt_max_length,
+        normalize_latents=model.normalize_latents,
+        height=model.height,
+        width=model.width,
+        num_frames=model.num_frames,
+        fps=model.fps,
+        steps=sampling.steps,
+        solver=sampling.solver,
+        guidance_video=sampling.guidance_video,
+        guidance_text=sampling.guidance_text,
+        generate_text=sampling.generate_text,
+    )
+
+
+def wan_from_vigu(pipe: UniViGUPipeline) -> WanPipeline:
+    """The video path of a vigu pipeline as a stock `WanPipeline` (text parameters dropped)."""
+    stock = WanTransformer3DModel.from_config(pipe.transformer.stock_config())
+    stock.load_state_dict(pipe.transformer.stock_state_dict(), strict=True)
+    return WanPipeline(
+        tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
+        transformer=stock.to(pipe.transformer.dtype), scheduler=pipe.scheduler,
+    )
+
+
+def folder_class(path: str | Path) -> str:
+    """The `_class_name` of a diffusers pipeline folder, with a clear error for anything else."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        raise VigUError(
+            f"{path} is not a diffusers pipeline folder (no model_index.json): give a local Wan2.1 "
+            "diffusers folder or a vigu folder"
+        )
+    return json.loads(index.read_text())["_class_name"]
+
+
+def load_pipeline(path: str | Path, recipe: Recipe, **kwargs) -> UniViGUPipeline:
+    """A local folder as a `UniViGUPipeline`, offline: vigu folders load, stock Wan folders convert."""
+    kind = folder_class(path)
+    if kind == "UniViGUPipeline":
+        return UniViGUPipeline.from_pretrained(path, local_files_only=True, **kwargs)
+    if kind == "WanPipeline":
+        return vigu_from_wan(WanPipeline.from_pretrained(path, local_files_only=True, **kwargs), recipe)
+    raise VigUError(f"{path} holds a {kind}, not a WanPipeline or UniViGUPipeline folder")
+
+
+def save_folder(pipeline, out_dir: str | Path) -> Path:
+    """`save_pretrained` (safetensors) into a temporary sibling, then swap it in by rename."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def convert_folder(src: str | Path, dst: str | Path, recipe: Recipe) -> str:
+    """`vigu convert`: stock Wan -> vigu, or vigu -> stock Wan (by what `src` holds). Returns the new kind."""
+    kind = folder_class(src)
+    if kind == "WanPipeline":
+        save_folder(load_pipeline(src, recipe), dst)
+        return "UniViGUPipeline"
+    if kind == "UniViGUPipeline":
+        save_folder(wan_from_vigu(load_pipeline(src, recipe)), dst)
+        return "WanPipeline"
+    raise VigUError(f"{src} holds a {kind}: vigu convert takes a WanPipeline or UniViGUPipeline folder")

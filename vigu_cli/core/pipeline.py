@@ -1,0 +1,259 @@
+"""`UniViGUPipeline`: a diffusers `WanPipeline` whose transformer also reads and writes text.
+
+Components: `tokenizer` + `text_encoder` (umT5, the prompt condition), `vae`, `transformer`
+(`UniViGUTransformer`), `scheduler` (its shift is the default of the time grid) and `text_tokenizer`
+(the text stream's tokenizer). The three modes are each one call of the same `FlowSolver` with a
+different stream frozen (DESIGN.md section 6):
+
+- `generate(prompt)`: text frozen (the clean prompt tokens, or no text stream), video from noise;
+- `caption(video)`: video frozen at the clip's clean latent, text from noise, conditioned on the empty
+  prompt or a hint;
+- `joint(prompt)`: both from noise, coupled through the shared attention.
+
+Prompt encoding, latent preparation and the stock text-to-video `__call__` are WanPipeline's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from diffusers import WanPipeline
+from diffusers.utils import BaseOutput
+
+from ..data.video_io import tensor_to_frames
+from .flow import FlowSolver, Stream
+from .text import decode_ids, encode_texts, make_text_flow
+from ..recipe import TextSection
+
+
+@dataclass
+class UniViGUPipelineOutput(BaseOutput):
+    """`videos`: uint8 `[B, F, H, W, 3]` (or the latents with `output_type="latent"`); `texts`: the
+    text stream decoded, one string per sample (None where the text stream was frozen or absent)."""
+
+    videos: Optional[np.ndarray | torch.Tensor] = None
+    texts: Optional[list[str]] = None
+
+
+class UniViGUPipeline(WanPipeline):
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _optional_components = ["transformer_2"]
+
+    def __init__(
+        self,
+        tokenizer,
+        text_encoder,
+        vae,
+        scheduler,
+        transformer,
+        text_tokenizer,
+        text_formulation: str = "embedding",
+        text_max_length: int = 48,
+        text_rounding_weight: float = 1.0,
+        text_kappa_exponent: float = 1.0,
+        text_discrete_source: str = "uniform",
+        prompt_max_length: int = 512,
+        normalize_latents: bool = True,
+        height: int = 480,
+        width: int = 832,
+        num_frames: int = 81,
+        fps: int = 16,
+        steps: int = 50,
+        solver: str = "euler",
+        guidance_video: float = 5.0,
+        guidance_text: float = 1.0,
+        generate_text: str = "prompt",
+    ):
+        super().__init__(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer)
+        self.register_modules(text_tokenizer=text_tokenizer)
+        self.register_to_config(
+            text_formulation=text_formulation,
+            text_max_length=text_max_length,
+            text_rounding_weight=text_rounding_weight,
+            text_kappa_exponent=text_kappa_exponent,
+            text_discrete_source=text_discrete_source,
+            prompt_max_length=prompt_max_length,
+            normalize_latents=normalize_latents,
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            fps=fps,
+            steps=steps,
+            solver=solver,
+            guidance_video=guidance_video,
+            guidance_text=guidance_text,
+            generate_text=generate_text,
+        )
+
+    # ------------------------------------------------------------------------------------------------
+    # Pieces shared by every mode (and by training)
+    # ------------------------------------------------------------------------------------------------
+
+    @property
+    def text_flow(self):
+        cfg = self.config
+        section = TextSection(
+            formulation=cfg.text_formulation,
+            rounding_weight=cfg.text_rounding_weight,
+            kappa_exponent=cfg.text_kappa_exponent,
+            discrete_source=cfg.text_discrete_source,
+        )
+        return make_text_flow(section, self.transformer.config.text_vocab_size, self.text_tokenizer.mask_token_id)
+
+    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, self.vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(self.vae.config.latents_mean).view(shape).to(like.device, like.dtype)
+        std = torch.tensor(self.vae.config.latents_std).view(shape).to(like.device, like.dtype)
+        return mean, std
+
+    @torch.no_grad()
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """Pixels `[B, 3, F, H, W]` in [-1, 1] -> the transformer's latents (normalised as WanPipeline)."""
+        latents = self.vae.encode(video.to(self.vae.device, self.vae.dtype)).latent_dist.mode().float()
+        if self.config.normalize_latents:
+            mean, std = self._latent_stats(latents)
+            latents = (latents - mean) / std
+        return latents
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The transformer's latents -> pixels `[B, 3, F, H, W]` in [-1, 1]."""
+        latents = latents.to(self.vae.device, self.vae.dtype)
+        if self.config.normalize_latents:
+            mean, std = self._latent_stats(latents)
+            latents = latents * std + mean
+        return self.vae.decode(latents, return_dict=False)[0].clamp(-1, 1)
+
+    def encode_condition(self, prompts: list[str], device) -> torch.Tensor:
+        """umT5 prompt embeddings, padded as WanPipeline pads them."""
+        embeds, _ = self.encode_prompt(
+            prompts, do_classifier_free_guidance=False, max_sequence_length=self.config.prompt_max_length,
+            device=device, dtype=self.transformer.dtype,
+        )
+        return embeds
+
+    def text_ids(self, texts: list[str]) -> torch.Tensor:
+        return encode_texts(self.text_tokenizer, texts, self.config.text_max_length)
+
+    def decode_text(self, state: torch.Tensor) -> list[str]:
+        return decode_ids(self.text_tokenizer, self.text_flow.decode(self.transformer, state))
+
+    def model_fn(self, x_v, x_t, t_v, t_t, condition):
+        """One transformer evaluation in the solver's terms (fp32 state in, fp32 predictions out)."""
+        dtype = self.transformer.dtype
+        if x_t is not None and x_t.is_floating_point():
+            x_t = x_t.to(dtype)
+        video, text = self.transformer(
+            hidden_states=x_v.to(dtype) if x_v is not None else None,
+            timestep=t_v,
+            encoder_hidden_states=condition,
+            text_states=x_t,
+            timestep_text=t_t,
+            return_dict=False,
+        )
+        return (video.float() if video is not None else None, text.float() if text is not None else None)
+
+    def _settings(self, overrides: dict) -> dict:
+        unknown = set(overrides) - {"steps", "solver", "shift", "guidance_video", "guidance_text"}
+        if unknown:
+            raise TypeError(f"unknown sampling setting(s): {', '.join(sorted(unknown))}")
+        cfg = self.config
+        merged = dict(
+            steps=cfg.steps, solver=cfg.solver, shift=self.scheduler.config.shift,
+            guidance_video=cfg.guidance_video, guidance_text=cfg.guidance_text,
+        )
+        merged.update({k: v for k, v in overrides.items() if v is not None})
+        return merged
+
+    def _solve(self, video, text, prompts, generator, callback, settings):
+        s = self._settings(settings)
+        device = self._execution_device
+        condition = self.encode_condition(prompts, device)
+        guided = s["guidance_video"] > 1.0 or s["guidance_text"] > 1.0
+        uncondition = self.encode_condition([""] * len(prompts), device) if guided and any(prompts) else None
+        solver = FlowSolver(s["steps"], s["solver"], s["shift"])
+        return solver(
+            self.model_fn, video, text, self.text_flow, condition, uncondition,
+            s["guidance_video"], s["guidance_text"], generator, callback,
+        )
+
+    def _noise_video(self, batch: int, generator, height=None, width=None, num_frames=None) -> torch.Tensor:
+        return self.prepare_latents(
+            batch, self.transformer.config.in_channels, height or self.config.height, width or self.config.width,
+            num_frames or self.config.num_frames, torch.float32, self._execution_device, generator,
+        )
+
+    def _noise_text(self, batch: int, generator) -> torch.Tensor:
+        return self.text_flow.noise(
+            self.transformer, batch, self.config.text_max_length, generator, self._execution_device
+        )
+
+    def _videos(self, latents: torch.Tensor, output_type: str):
+        if output_type == "latent":
+            return latents
+        return np.stack([tensor_to_frames(v) for v in self.decode_latents(latents).float().cpu()])
+
+    # ------------------------------------------------------------------------------------------------
+    # The three modes
+    # ------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str | list[str],
+        generator: Optional[torch.Generator] = None,
+        text_stream: Optional[str] = None,
+        output_type: str = "np",
+        callback: Optional[Callable[[int, int], None]] = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        num_frames: Optional[int] = None,
+        **settings,
+    ) -> UniViGUPipelineOutput:
+        """Text-to-video. `text_stream`: `prompt` (the clean prompt tokens ride in the text stream, paper
+        eq. 17) or `none` (plain Wan text-to-video); default from the pipeline config."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        video = Stream(self._noise_video(len(prompts), generator, height, width, num_frames))
+        text = None
+        if (text_stream or self.config.generate_text) == "prompt":
+            ids = self.text_ids(prompts).to(self._execution_device)
+            text = Stream(self.text_flow.clean(self.transformer, ids), frozen=True)
+        latents, _ = self._solve(video, text, prompts, generator, callback, settings)
+        return UniViGUPipelineOutput(videos=self._videos(latents, output_type))
+
+    @torch.no_grad()
+    def caption(
+        self,
+        video: torch.Tensor,
+        hint: Optional[str | list[str]] = None,
+        generator: Optional[torch.Generator] = None,
+        callback: Optional[Callable[[int, int], None]] = None,
+        **settings,
+    ) -> UniViGUPipelineOutput:
+        """Video understanding: `video` is pixels `[B, 3, F, H, W]` in [-1, 1] at the model's shape;
+        `hint` an optional brief prompt to condition on (the paper's stage-2 setting)."""
+        batch = video.shape[0]
+        hints = [""] * batch if hint is None else ([hint] * batch if isinstance(hint, str) else list(hint))
+        frozen = Stream(self.encode_video(video), frozen=True)
+        text = Stream(self._noise_text(batch, generator))
+        _, state = self._solve(frozen, text, hints, generator, callback, settings)
+        return UniViGUPipelineOutput(texts=self.decode_text(state))
+
+    @torch.no_grad()
+    def joint(
+        self,
+        prompt: str | list[str],
+        generator: Optional[torch.Generator] = None,
+        output_type: str = "np",
+        callback: Optional[Callable[[int, int], None]] = None,
+        **settings,
+    ) -> UniViGUPipelineOutput:
+        """A video and its detailed caption together, both from noise (paper eq. 18)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        video = Stream(self._noise_video(len(prompts), generator))
+        text = Stream(self._noise_text(len(prompts), generator))
+        latents, state = self._solve(video, text, prompts, generator, callback, settings)
+        return UniViGUPipelineOutput(videos=self._videos(latents, output_type), texts=self.decode_text(state))
