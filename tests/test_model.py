@@ -171,6 +171,9 @@ def test_save_pretrained_round_trip(tmp_path):
     assert half.text_in.weight.dtype == torch.bfloat16 and half.blocks[0].ffn_text.net[2].weight.dtype == torch.bfloat16
     for kept in (half.time_embedder_text.linear_1.weight, half.scale_shift_table_text, half.norm_out_text.weight):
         assert kept.dtype == torch.float32
+    with torch.no_grad():
+        out = half(**{k: v.bfloat16() if v.is_floating_point() else v for k, v in x.items()})
+    assert out.sample.dtype == torch.bfloat16 and torch.isfinite(out.text_sample).all()
 
 
 def test_from_wan_copies_video_modules_into_text():
