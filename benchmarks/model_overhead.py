@@ -98,7 +98,8 @@ def bench(name: str, arch: dict, text: dict, video_shape: tuple, text_tokens: in
     for stat in (statistics.median, min):
         t = {key: stat(v) for key, v in times.items()}
         n_text = t["N text"] / t["stock"]
-        columns.append([t["stock"] * 1e3, t["no text"] / t["stock"], t["0 text"] / t["stock"], n_text, n_text / expected])
+        no_text, empty_text = t["no text"] / t["stock"], t["0 text"] / t["stock"]
+        columns.append([t["stock"] * 1e3, no_text, empty_text, n_text, n_text / expected])
     print(f"  {'':42} {'median':>8} {'min':>8}")
     for label, median_value, min_value in zip(labels, *columns):
         print(f"  {label:42} {median_value:8.3f} {min_value:8.3f}")
