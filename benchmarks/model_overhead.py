@@ -122,7 +122,7 @@ def arch_of(recipe_name: str, **changes) -> tuple[dict, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and tokens (about 10 s)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and tokens (about 20 s on 2 cores)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steadier timings)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
