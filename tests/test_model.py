@@ -1,0 +1,247 @@
+"""UniViGUTransformer (DESIGN.md section 3) against the stock diffusers WanTransformer3DModel, tiny configs."""
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+from peft import LoraConfig
+
+from vigu_cli.core.model import UniViGUTransformer, UniViGUTransformerOutput
+
+WAN = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=32,
+    in_channels=16,
+    out_channels=16,
+    text_dim=32,
+    freq_dim=64,
+    ffn_dim=256,
+    num_layers=2,
+)
+VOCAB, D_T, L = 40, 8, 6
+TEXT = {
+    "embedding": dict(text_formulation="embedding", text_vocab_size=VOCAB, text_latent_dim=D_T, text_max_length=16),
+    "discrete": dict(text_formulation="discrete", text_vocab_size=VOCAB, text_max_length=16),
+}
+
+
+def stock_wan(seed=0):
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(**WAN).eval()
+
+
+def unified(formulation="embedding", seed=0, **extra):
+    """from_wan on a random stock model, with the zero-init text head randomised so text outputs carry signal."""
+    model = UniViGUTransformer.from_wan(stock_wan(seed), **TEXT[formulation], **extra).eval()
+    torch.nn.init.normal_(model.text_out.weight, std=0.1)
+    return model
+
+
+def inputs(batch=2, formulation="embedding", seed=1):
+    g = torch.Generator().manual_seed(seed)
+    text = (
+        torch.randn(batch, L, D_T, generator=g)
+        if formulation == "embedding"
+        else torch.randint(0, VOCAB, (batch, L), generator=g)
+    )
+    return dict(
+        hidden_states=torch.randn(batch, 16, 3, 8, 8, generator=g),  # 48 video tokens
+        timestep=torch.tensor([700.0, 150.0])[:batch],
+        encoder_hidden_states=torch.randn(batch, 7, 32, generator=g),
+        text_states=text,
+        timestep_text=torch.tensor([300.0, 900.0])[:batch],
+    )
+
+
+def test_without_text_bit_identical_to_stock_and_stock_weights_miss_only_text():
+    stock = stock_wan()
+    model = UniViGUTransformer.from_config({**WAN, **TEXT["embedding"]}).eval()
+    missing, unexpected = model.load_state_dict(stock.state_dict(), strict=False)
+    text_names = set(model.text_parameter_names())
+    assert set(missing) == text_names and unexpected == []
+    assert {f"blocks.{i}.ffn_text.net.2.weight" for i in range(2)} <= text_names
+    assert {"text_embedding.weight", "text_in.weight", "time_proj_text.weight", "norm_out_text.weight"} <= text_names
+    assert set(model.state_dict()) - text_names == set(stock.state_dict())
+
+    x = inputs()
+    video_only = {k: x[k] for k in ("hidden_states", "timestep", "encoder_hidden_states")}
+    with torch.no_grad():
+        expected = stock(**video_only).sample
+        plain = model(**video_only).sample
+        empty_text = model(**video_only, text_states=torch.zeros(2, 0, D_T), timestep_text=x["timestep_text"])
+    assert torch.equal(plain, expected)
+    assert torch.equal(empty_text.sample, expected)  # the joint block path with zero text tokens
+    assert empty_text.text_sample.shape == (2, 0, D_T)
+
+    exported = stock_wan(seed=5)
+    exported.load_state_dict(model.wan_state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(exported(**video_only).sample, expected)
+
+
+@pytest.mark.parametrize("formulation", ["embedding", "discrete"])
+def test_streams_share_attention(formulation):
+    model = unified(formulation)
+    x = inputs(formulation=formulation)
+    other_video = dict(x, hidden_states=x["hidden_states"] + 0.5)
+    other_text = dict(x, text_states=x["text_states"].flip(0))  # swap the two samples' texts
+    other_prompt = dict(x, encoder_hidden_states=x["encoder_hidden_states"] + 0.5)
+    with torch.no_grad():
+        base = model(**x)
+        video_changed, text_changed, prompt_changed = model(**other_video), model(**other_text), model(**other_prompt)
+        no_text = model(**{k: x[k] for k in ("hidden_states", "timestep", "encoder_hidden_states")})
+        for block in model.blocks:
+            for p in block.ffn_text.parameters():
+                p.zero_()
+        no_ffn_text, no_ffn_text_video_changed = model(**x), model(**other_video)
+    assert not torch.allclose(base.text_sample, video_changed.text_sample)  # text reads the video
+    assert not torch.allclose(base.sample, text_changed.sample)  # video reads the text
+    assert not torch.allclose(base.sample, no_text.sample)
+    assert not torch.allclose(base.text_sample, prompt_changed.text_sample)  # text cross-attends the prompt
+    assert not torch.allclose(base.text_sample, no_ffn_text.text_sample)  # ffn_text acts on text
+    assert not torch.allclose(base.sample, no_ffn_text.sample)  # block 1's video reads block 0's ffn_text output
+    assert not torch.allclose(no_ffn_text.text_sample, no_ffn_text_video_changed.text_sample)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = unified()
+    model.train()
+    x = inputs()
+
+    def grads():
+        model.zero_grad()
+        out = model(**x)
+        (out.sample.square().mean() + out.text_sample.square().mean()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    calls = []
+
+    def checkpoint(block, *args):
+        calls.append(block)
+        return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+
+    model.enable_gradient_checkpointing(checkpoint)
+    checkpointed = grads()
+    assert len(calls) == WAN["num_layers"]
+    assert plain.keys() == checkpointed.keys()
+    assert {"blocks.0.ffn_text.net.2.weight", "text_in.weight", "blocks.1.attn1.to_q.weight"} <= plain.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("formulation", ["embedding", "discrete"])
+def test_formulation_shapes_and_text_only_forward(formulation):
+    model = UniViGUTransformer.from_wan(stock_wan(), **TEXT[formulation]).eval()
+    x = inputs(formulation=formulation)
+    width = D_T if formulation == "embedding" else VOCAB
+    with torch.no_grad():
+        out = model(**x)
+        sample, text_sample = model(**x, return_dict=False)
+        text_only = model(**dict(x, hidden_states=None, timestep=None))
+    assert isinstance(out, UniViGUTransformerOutput)
+    assert out.sample.shape == x["hidden_states"].shape and out.text_sample.shape == (2, L, width)
+    assert torch.equal(sample, out.sample) and torch.equal(text_sample, out.text_sample)
+    assert text_only.sample is None and text_only.text_sample.shape == (2, L, width)
+    assert not torch.any(out.text_sample)  # zero-init head: uniform logits / zero velocity at the start
+    assert hasattr(model, "text_embedding") == (formulation == "embedding")
+    if formulation == "embedding":
+        assert model.text_embedding.weight.shape == (VOCAB, D_T) and model.text_out.out_features == D_T
+    else:
+        assert model.text_in.weight.shape == (VOCAB, 32 * 2) and model.text_out.out_features == VOCAB
+    with pytest.raises(ValueError, match="text_max_length"):
+        model(**dict(x, text_states=torch.cat([x["text_states"]] * 3, dim=1)))
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    model = unified("discrete")
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").exists()
+    assert not list(tmp_path.glob("*.bin"))
+    loaded = UniViGUTransformer.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded.blocks[0], type(model.blocks[0])) and len(loaded.blocks) == WAN["num_layers"]
+    assert all(p.device.type == "cpu" for p in loaded.parameters())
+    assert loaded.config.text_formulation == "discrete" and loaded.config.text_vocab_size == VOCAB
+    x = inputs(formulation="discrete")
+    with torch.no_grad():
+        a, b = model(**x), loaded(**x)
+    assert torch.equal(a.sample, b.sample) and torch.equal(a.text_sample, b.text_sample)
+
+    half = UniViGUTransformer.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    assert half.text_in.weight.dtype == torch.bfloat16 and half.blocks[0].ffn_text.net[2].weight.dtype == torch.bfloat16
+    for kept in (half.time_embedder_text.linear_1.weight, half.scale_shift_table_text, half.norm_out_text.weight):
+        assert kept.dtype == torch.float32
+    with torch.no_grad():
+        out = half(**{k: v.bfloat16() if v.is_floating_point() else v for k, v in x.items()})
+    assert out.sample.dtype == torch.bfloat16 and torch.isfinite(out.text_sample).all()
+
+
+def test_from_wan_copies_video_modules_into_text():
+    stock = stock_wan()
+    model = UniViGUTransformer.from_wan(stock, **TEXT["embedding"])
+    for name, tensor in stock.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    video, text = model.condition_embedder, model
+    for a, b in [(text.time_embedder_text, video.time_embedder), (text.time_proj_text, video.time_proj)]:
+        assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert torch.equal(model.scale_shift_table_text, stock.scale_shift_table)
+    for block in model.blocks:
+        assert all(torch.equal(p, q) for p, q in zip(block.ffn_text.parameters(), block.ffn.parameters()))
+    assert torch.equal(model.norm_out_text.weight, torch.ones(64)) and model.norm_out_text.bias is None
+    assert model.norm_out_text.eps == 1e-5
+
+    narrow = UniViGUTransformer.from_wan(stock, **TEXT["embedding"], text_ffn_dim=64)
+    assert narrow.blocks[0].ffn_text.net[2].weight.shape == (64, 64)
+    assert narrow.blocks[0].ffn.net[2].weight.shape == (64, 256)
+    assert torch.equal(narrow.blocks[0].ffn.net[2].weight, stock.blocks[0].ffn.net[2].weight)
+
+    stock.add_adapter(LoraConfig(r=2, target_modules=["to_q"]))  # renames the wrapped weights
+    with pytest.raises(ValueError, match="do not fit"):
+        UniViGUTransformer.from_wan(stock, **TEXT["embedding"])
+
+
+def test_per_sample_timesteps():
+    model = unified()
+    x = inputs()
+    with torch.no_grad():
+        batched = model(**x)
+        swapped_text_t = model(**dict(x, timestep_text=x["timestep_text"].flip(0)))
+        for i in range(2):
+            single = model(**{k: v[i : i + 1] for k, v in x.items()})
+            torch.testing.assert_close(single.sample, batched.sample[i : i + 1], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(single.text_sample, batched.text_sample[i : i + 1], rtol=1e-5, atol=1e-5)
+    # The text timestep modulates the text stream per sample (and the video through shared attention).
+    assert not torch.allclose(swapped_text_t.text_sample[0], batched.text_sample[0])
+    assert not torch.allclose(swapped_text_t.sample[0], batched.sample[0])
+
+
+def test_text_tokens_get_rotary_positions():
+    model = unified()
+    x = inputs()
+    order = torch.tensor([1, 0, 2, 3, 4, 5])
+    with torch.no_grad():
+        base = model(**x).text_sample
+        permuted = model(**dict(x, text_states=x["text_states"][:, order])).text_sample
+    # Attention without positions is permutation-equivariant; with RoPE a token's output depends on its place.
+    assert not torch.allclose(permuted, base[:, order], atol=1e-4)
+
+
+def test_bf16_autocast_and_lora_scale():
+    model = unified("discrete")
+    x = inputs(formulation="discrete")
+    with torch.no_grad():
+        fp32 = model(**x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(**x)
+    assert bf16.sample.dtype == torch.bfloat16 and bf16.text_sample.dtype == torch.bfloat16
+    for a, b in [(bf16.sample, fp32.sample), (bf16.text_sample, fp32.text_sample)]:
+        assert torch.isfinite(a).all()
+        assert (a.float() - b).norm() / b.norm() < 0.05
+
+    model.add_adapter(LoraConfig(r=4, target_modules=["to_q", "to_v"], init_lora_weights=False))
+    with torch.no_grad():
+        lora = model(**x)
+        lora_off = model(**x, attention_kwargs={"scale": 0.0})
+    assert not torch.allclose(lora.text_sample, fp32.text_sample)
+    torch.testing.assert_close(lora_off.text_sample, fp32.text_sample)
+    torch.testing.assert_close(lora_off.sample, fp32.sample)

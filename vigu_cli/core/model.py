@@ -1,0 +1,325 @@
+"""The unified transformer: diffusers' Wan DiT with a text stream (DESIGN.md section 3).
+
+Every block runs the sequence `[video ; text]` through the shared self-attention `attn1` (video tokens
+with Wan's 3-D RoPE, text tokens with a separate 1-D RoPE at positions 0..L-1), sends both streams
+through the shared, ungated cross-attention to the prompt (`norm2` + `attn2`), and then routes video
+tokens to `ffn` and text tokens to `ffn_text`. Both streams use the block's `scale_shift_table`, each
+with its own timestep projection. The layout follows the official Uni-ViGU release
+(`reference/official-uni-vigu.md`), so its checkpoint can be mapped onto these modules.
+
+With `text_states=None` the forward pass is the stock `WanTransformer3DModel` forward, so a pretrained
+Wan transformer produces exactly what it produced before it was extended.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.attention import FeedForward
+from diffusers.models.embeddings import TimestepEmbedding, get_1d_rotary_pos_embed
+from diffusers.models.normalization import FP32LayerNorm
+from diffusers.models.transformers.transformer_wan import WanTransformer3DModel, WanTransformerBlock
+from diffusers.utils import BaseOutput
+from diffusers.utils.peft_utils import apply_lora_scale
+from torch import nn
+
+# Top-level modules that the stock Wan transformer does not have; blocks add `ffn_text`.
+TEXT_MODULES = (
+    "text_embedding",
+    "text_in",
+    "time_embedder_text",
+    "time_proj_text",
+    "scale_shift_table_text",
+    "norm_out_text",
+    "text_out",
+)
+
+
+@dataclass
+class UniViGUTransformerOutput(BaseOutput):
+    """`sample`: video prediction `[B, C, F, H, W]` (None without video); `text_sample`: text prediction,
+    `[B, L, d_t]` (embedding) or logits `[B, L, V]` (discrete), None without text. Read the fields by
+    name: like every `BaseOutput`, integer indexing skips fields that are None."""
+
+    sample: torch.Tensor | None = None
+    text_sample: torch.Tensor | None = None
+
+
+class UniViGUTransformerBlock(WanTransformerBlock):
+    """A Wan block with a second FFN, `ffn_text`, for text tokens."""
+
+    def __init__(self, dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim, text_ffn_dim):
+        super().__init__(dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim)
+        self.ffn_text = FeedForward(dim, inner_dim=text_ffn_dim, activation_fn="gelu-approximate")
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor | None,
+        encoder_hidden_states: torch.Tensor,
+        temb: torch.Tensor | None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor],
+        text_hidden_states: torch.Tensor | None = None,
+        temb_text: torch.Tensor | None = None,
+    ):
+        """Without text: the stock block. With text: returns `(video or None, text)`; `rotary_emb` then
+        covers `[video ; text]` and `temb`, `temb_text` are `[B, 6, D]` projections."""
+        if text_hidden_states is None:
+            return super().forward(hidden_states, encoder_hidden_states, temb, rotary_emb)
+        streams = [(hidden_states, temb, self.ffn), (text_hidden_states, temb_text, self.ffn_text)]
+        streams = [stream for stream in streams if stream[0] is not None]
+        xs = [x for x, _, _ in streams]
+        mods = [(self.scale_shift_table + t.float()).chunk(6, dim=1) for _, t, _ in streams]
+        sizes = [x.shape[1] for x in xs]
+
+        # 1. Shared self-attention over [video ; text]; each stream modulated and gated by its own timestep.
+        norm_x = [(self.norm1(x.float()) * (1 + m[1]) + m[0]).type_as(x) for x, m in zip(xs, mods)]
+        attn_output = self.attn1(torch.cat(norm_x, dim=1), None, None, rotary_emb).split(sizes, dim=1)
+        xs = [(x.float() + a * m[2]).type_as(x) for x, a, m in zip(xs, attn_output, mods)]
+
+        # 2. Shared cross-attention to the prompt, ungated, both streams.
+        joint = torch.cat(xs, dim=1)
+        joint = joint + self.attn2(self.norm2(joint.float()).type_as(joint), encoder_hidden_states, None, None)
+        xs = [j.type_as(x) for j, x in zip(joint.split(sizes, dim=1), xs)]
+
+        # 3. One FFN per modality.
+        out = []
+        for x, m, (_, _, ffn) in zip(xs, mods, streams):
+            norm_x = (self.norm3(x.float()) * (1 + m[4]) + m[3]).type_as(x)
+            out.append((x.float() + ffn(norm_x).float() * m[5]).type_as(x))
+        return (out[0] if hidden_states is not None else None), out[-1]
+
+
+class UniViGUTransformer(WanTransformer3DModel):
+    """`WanTransformer3DModel` extended with a text stream (paper section 3.2, official layout).
+
+    Text config: `text_formulation` "embedding" (paper: text is a d_t-dim latent, the learnable matrix E
+    is `text_embedding`) or "discrete" (official: text is token ids, the head gives vocabulary logits);
+    `text_vocab_size` V; `text_latent_dim` d_t; `text_ffn_dim` (None: `ffn_dim`, and `ffn_text` starts as
+    a copy of `ffn`; another width starts fresh); `text_max_length`, the most text positions.
+
+    Init: `time_embedder_text`, `time_proj_text`, `scale_shift_table_text` (and `ffn_text` at equal width)
+    start as copies of their video counterparts; `text_out` starts at zero for both formulations, so the
+    first prediction is the constant 0 (uniform logits; for the embedding velocity 0, the mean of
+    noise - data when the rows of E are centred) and the new stream starts without random output noise.
+    """
+
+    _no_split_modules = ["UniViGUTransformerBlock"]
+    _repeated_blocks = ["UniViGUTransformerBlock"]
+    _keep_in_fp32_modules = WanTransformer3DModel._keep_in_fp32_modules + [
+        "time_embedder_text",
+        "scale_shift_table_text",
+        "norm_out_text",
+    ]
+    _skip_layerwise_casting_patterns = WanTransformer3DModel._skip_layerwise_casting_patterns + [
+        "text_embedding",
+        "text_in",
+        "time_proj_text",
+    ]
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: tuple[int, ...] = (1, 2, 2),
+        num_attention_heads: int = 40,
+        attention_head_dim: int = 128,
+        in_channels: int = 16,
+        out_channels: int = 16,
+        text_dim: int = 4096,
+        freq_dim: int = 256,
+        ffn_dim: int = 13824,
+        num_layers: int = 40,
+        cross_attn_norm: bool = True,
+        qk_norm: str | None = "rms_norm_across_heads",
+        eps: float = 1e-6,
+        image_dim: int | None = None,
+        added_kv_proj_dim: int | None = None,
+        rope_max_seq_len: int = 1024,
+        pos_embed_seq_len: int | None = None,
+        text_formulation: Literal["embedding", "discrete"] = "embedding",
+        text_vocab_size: int = 256000,
+        text_latent_dim: int = 64,
+        text_ffn_dim: int | None = None,
+        text_max_length: int = 256,
+    ) -> None:
+        if text_formulation not in ("embedding", "discrete"):
+            raise ValueError(f"text_formulation must be 'embedding' or 'discrete', got {text_formulation!r}")
+        # The parent builds everything but the blocks, which are built once, here, as the subclass.
+        super().__init__(
+            patch_size=patch_size,
+            num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            text_dim=text_dim,
+            freq_dim=freq_dim,
+            ffn_dim=ffn_dim,
+            num_layers=0,
+            cross_attn_norm=cross_attn_norm,
+            qk_norm=qk_norm,
+            eps=eps,
+            image_dim=image_dim,
+            added_kv_proj_dim=added_kv_proj_dim,
+            rope_max_seq_len=rope_max_seq_len,
+            pos_embed_seq_len=pos_embed_seq_len,
+        )
+        self.register_to_config(num_layers=num_layers)  # the parent registered 0
+        dim = num_attention_heads * attention_head_dim
+        text_ffn_dim = text_ffn_dim or ffn_dim
+        self.blocks = nn.ModuleList(
+            UniViGUTransformerBlock(
+                dim, ffn_dim, num_attention_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim, text_ffn_dim
+            )
+            for _ in range(num_layers)
+        )
+
+        if text_formulation == "embedding":
+            self.text_embedding = nn.Embedding(text_vocab_size, text_latent_dim)
+            self.text_in = nn.Linear(text_latent_dim, dim)
+            self.text_out = nn.Linear(dim, text_latent_dim)
+        else:
+            self.text_in = nn.Embedding(text_vocab_size, dim)
+            self.text_out = nn.Linear(dim, text_vocab_size)
+        self.time_embedder_text = TimestepEmbedding(in_channels=freq_dim, time_embed_dim=dim)
+        self.time_proj_text = nn.Linear(dim, 6 * dim)
+        self.scale_shift_table_text = nn.Parameter(torch.empty(1, 2, dim))
+        self.norm_out_text = FP32LayerNorm(dim, eps=1e-5, elementwise_affine=True, bias=False)
+        nn.init.zeros_(self.text_out.weight)
+        nn.init.zeros_(self.text_out.bias)
+        self._copy_video_to_text()
+
+    @torch.no_grad()
+    def _copy_video_to_text(self) -> None:
+        """Set the text copies of video modules from the video modules' current weights."""
+        embedder = self.condition_embedder
+        pairs = [
+            (self.time_embedder_text, embedder.time_embedder),
+            (self.time_proj_text, embedder.time_proj),
+        ]
+        if (self.config.text_ffn_dim or self.config.ffn_dim) == self.config.ffn_dim:
+            pairs += [(block.ffn_text, block.ffn) for block in self.blocks]
+        for text_module, video_module in pairs:
+            text_module.load_state_dict(video_module.state_dict())
+        self.scale_shift_table_text.copy_(self.scale_shift_table)
+
+    @classmethod
+    def from_wan(cls, stock: WanTransformer3DModel, **text_config: Any) -> "UniViGUTransformer":
+        """Build from a stock Wan transformer: its config plus `text_config`, its weights, and the text
+        copies of its modules. Parameters are fp32 (the training precision; use autocast) on its device."""
+        config = {k: v for k, v in stock.config.items() if not k.startswith("_")}
+        with torch.device(stock.device):
+            model = cls.from_config({**config, **text_config})
+        missing, unexpected = model.load_state_dict(stock.state_dict(), strict=False)
+        if unexpected or set(missing) != set(model.text_parameter_names()):
+            extra = sorted(set(missing) - set(model.text_parameter_names()))
+            raise ValueError(f"stock Wan weights do not fit: missing {extra[:5]}, unexpected {unexpected[:5]}")
+        model._copy_video_to_text()
+        return model
+
+    def text_parameter_names(self) -> list[str]:
+        """State-dict names of the parameters a stock Wan transformer does not have."""
+        return [n for n in self.state_dict() if n.split(".")[0] in TEXT_MODULES or ".ffn_text." in n]
+
+    def wan_state_dict(self) -> dict[str, torch.Tensor]:
+        """The stock `WanTransformer3DModel` state dict (text parameters dropped), for export."""
+        text = set(self.text_parameter_names())
+        return {n: t for n, t in self.state_dict().items() if n not in text}
+
+    @apply_lora_scale("attention_kwargs")
+    def forward(
+        self,
+        hidden_states: torch.Tensor | None = None,
+        timestep: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        text_states: torch.Tensor | None = None,
+        timestep_text: torch.Tensor | None = None,
+        encoder_hidden_states_image: torch.Tensor | None = None,
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+    ) -> UniViGUTransformerOutput | tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Video `[B, C, F, H, W]` with `timestep` `[B]`; text `[B, L, d_t]` float (embedding) or `[B, L]`
+        ids (discrete) with `timestep_text` `[B]`; either stream may be None. Diffusers time: 0..1000,
+        1000 = noise; both predictions are `noise - data` (text logits for discrete)."""
+        if text_states is None:
+            sample = super().forward(
+                hidden_states,
+                timestep,
+                encoder_hidden_states,
+                encoder_hidden_states_image,
+                return_dict=False,
+                attention_kwargs=attention_kwargs,
+            )[0]
+            text_sample = None
+        else:
+            sample, text_sample = self._joint_forward(
+                hidden_states, timestep, encoder_hidden_states, text_states, timestep_text, encoder_hidden_states_image
+            )
+        if not return_dict:
+            return sample, text_sample
+        return UniViGUTransformerOutput(sample=sample, text_sample=text_sample)
+
+    def _joint_forward(self, hidden_states, timestep, encoder_hidden_states, text_states, timestep_text, image):
+        prompt = encoder_hidden_states
+        text = self.text_in(text_states)
+        rotary = [self._text_rotary_emb(text.shape[1], text.device)]
+        video = temb = timestep_proj = None
+        if hidden_states is not None:
+            if timestep.ndim != 1:
+                raise ValueError("with text tokens the video timestep must be one per sample, shape [B]")
+            rotary.insert(0, self.rope(hidden_states))
+            video = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
+            temb, timestep_proj, encoder_hidden_states, image = self.condition_embedder(timestep, prompt, image)
+            timestep_proj = timestep_proj.unflatten(1, (6, -1))
+        else:
+            encoder_hidden_states = self.condition_embedder.text_embedder(prompt)
+            if image is not None:
+                image = self.condition_embedder.image_embedder(image)
+        if image is not None:
+            encoder_hidden_states = torch.concat([image, encoder_hidden_states], dim=1)
+        rotary_emb = tuple(torch.cat(parts, dim=1) for parts in zip(*rotary))
+
+        # The text timestep: the shared sinusoid, then the text stream's own embedder and projection.
+        t = self.condition_embedder.timesteps_proj(timestep_text)
+        temb_text = self.time_embedder_text(t.to(self.time_embedder_text.linear_1.weight.dtype)).type_as(prompt)
+        timestep_proj_text = self.time_proj_text(self.condition_embedder.act_fn(temb_text)).unflatten(1, (6, -1))
+
+        for block in self.blocks:
+            args = (video, encoder_hidden_states, timestep_proj, rotary_emb, text, timestep_proj_text)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                video, text = self._gradient_checkpointing_func(block, *args)
+            else:
+                video, text = block(*args)
+
+        sample = None
+        if video is not None:
+            video = self.proj_out(_modulate_head(self.norm_out, self.scale_shift_table, temb, video))
+            batch, _, frames, height, width = hidden_states.shape
+            p_t, p_h, p_w = self.config.patch_size
+            video = video.reshape(batch, frames // p_t, height // p_h, width // p_w, p_t, p_h, p_w, -1)
+            sample = video.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+        text_sample = self.text_out(_modulate_head(self.norm_out_text, self.scale_shift_table_text, temb_text, text))
+        return sample, text_sample
+
+    def _text_rotary_emb(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """1-D RoPE at positions 0..length-1 as `(cos, sin)` `[1, L, 1, head_dim]`, in the interleaved
+        layout that `WanAttnProcessor` applies (the video RoPE's layout)."""
+        if length > self.config.text_max_length:
+            raise ValueError(f"{length} text tokens exceed text_max_length={self.config.text_max_length}")
+        freqs_dtype = torch.float32 if device.type == "mps" else torch.float64
+        cos, sin = get_1d_rotary_pos_embed(
+            self.config.attention_head_dim,
+            torch.arange(length, device=device),
+            use_real=True,
+            repeat_interleave_real=True,
+            freqs_dtype=freqs_dtype,
+        )
+        return cos[None, :, None], sin[None, :, None]
+
+
+def _modulate_head(norm: nn.Module, table: torch.Tensor, temb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Output-head modulation, as in the stock Wan head: norm(x) * (1 + scale) + shift, with
+    (shift, scale) = table + temb."""
+    shift, scale = (table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
+    return (norm(x.float()) * (1 + scale.to(x.device)) + shift.to(x.device)).type_as(x)
