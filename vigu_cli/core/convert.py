@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -79,8 +80,9 @@ def vigu_from_wan(wan: WanPipeline, recipe: Recipe) -> UniViGUPipeline:
 
 def wan_from_vigu(pipe: UniViGUPipeline) -> WanPipeline:
     """The video path of a vigu pipeline as a stock `WanPipeline` (text parameters dropped)."""
-    stock = WanTransformer3DModel.from_config(pipe.transformer.stock_config())
-    stock.load_state_dict(pipe.transformer.stock_state_dict(), strict=True)
+    wan_keys = inspect.signature(WanTransformer3DModel.__init__).parameters
+    stock = WanTransformer3DModel.from_config({k: v for k, v in pipe.transformer.config.items() if k in wan_keys})
+    stock.load_state_dict(pipe.transformer.wan_state_dict(), strict=True)
     return WanPipeline(
         tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
         transformer=stock.to(pipe.transformer.dtype), scheduler=pipe.scheduler,

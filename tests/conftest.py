@@ -1,0 +1,42 @@
+"""Tiny stock Wan folders built with the same code that builds the world's "Wan2.1"."""
+
+import pytest
+import torch
+
+from vigu_cli.core.components import build_wan_pipeline
+from vigu_cli.recipe import load_recipe
+
+torch.set_num_threads(1)
+
+# world-tiny, shrunk: a 16x16x9 canvas, width 64, two layers.
+TINY = [
+    "model.height=16", "model.width=16", "model.num_frames=9",
+    "model.transformer.num_attention_heads=2", "model.transformer.attention_head_dim=32",
+    "model.transformer.ffn_dim=128", "model.transformer.num_layers=2",
+    "text.max_length=32", "text.latent_dim=16", "sampling.steps=4",
+]
+# The same with diffusers' real AutoencoderKLWan (random, tiny) instead of the world's patch autoencoder.
+TINY_WAN_VAE = TINY + [
+    "model.height=32", "model.width=32", "model.vae.kind=wan", "model.vae.base_dim=8", "model.vae.z_dim=16",
+    "model.transformer.in_channels=16", "model.transformer.out_channels=16", "model.transformer.patch_size=[1,2,2]",
+]
+
+
+def tiny_recipe(*extra, base=TINY):
+    return load_recipe("world-tiny", [*base, *extra])
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_dir(tmp_path_factory):
+    """A stock WanPipeline folder with the world's autoencoder and tokenizer."""
+    path = tmp_path_factory.mktemp("wan-world")
+    build_wan_pipeline(tiny_recipe(), seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_vae_dir(tmp_path_factory):
+    """A stock WanPipeline folder with a tiny random AutoencoderKLWan."""
+    path = tmp_path_factory.mktemp("wan-kl")
+    build_wan_pipeline(tiny_recipe(base=TINY_WAN_VAE), seed=0).save_pretrained(path)
+    return path

@@ -1,0 +1,123 @@
+"""UniViGUPipeline, convert and the unified objective, on tiny stock Wan folders (tests/conftest.py)."""
+
+import numpy as np
+import torch
+from diffusers import WanPipeline, WanTransformer3DModel
+
+from conftest import tiny_recipe
+from vigu_cli.core.convert import convert_folder, load_pipeline, vigu_from_wan
+from vigu_cli.core.flow import FlowSolver, Stream
+from vigu_cli.core.objective import unified_objective
+from vigu_cli.core.pipeline import UniViGUPipeline
+from vigu_cli.data import world
+from vigu_cli.data.video_io import frames_to_tensor
+
+PROMPT = "a red circle moving left"
+SAMPLING = dict(steps=4, shift=3.0, guidance=4.0)
+
+
+def wan_latents(wan: WanPipeline, prompt=PROMPT, seed=0):
+    return wan(
+        prompt, height=32, width=32, num_frames=9, num_inference_steps=SAMPLING["steps"],
+        guidance_scale=SAMPLING["guidance"], generator=torch.Generator().manual_seed(seed),
+        output_type="latent", max_sequence_length=32,
+    ).frames
+
+
+def test_solver_matches_wan_pipeline_on_plain_text_to_video(tiny_wan_vae_dir):
+    """Test 5: vigu's solver with no text stream == WanPipeline (same stock model, seed, steps, shift, guidance)."""
+    wan = WanPipeline.from_pretrained(tiny_wan_vae_dir, local_files_only=True)
+    expected = wan_latents(wan)
+
+    generator = torch.Generator().manual_seed(0)
+    embeds, negative = wan.encode_prompt(PROMPT, max_sequence_length=32, device="cpu")
+    latents = wan.prepare_latents(1, 16, 32, 32, 9, torch.float32, "cpu", generator)
+
+    def model_fn(x_v, x_t, t_v, t_t, condition):
+        return wan.transformer(hidden_states=x_v, timestep=t_v, encoder_hidden_states=condition, return_dict=False)[0], None
+
+    solver = FlowSolver(SAMPLING["steps"], "euler", SAMPLING["shift"])
+    ours, _ = solver(model_fn, Stream(latents), None, None, embeds, negative, guidance_video=SAMPLING["guidance"])
+    assert ours.shape == expected.shape
+    assert float((ours - expected).abs().max()) <= 1e-5
+
+
+def test_convert_then_generate_equals_wan_and_exports_back(tiny_wan_vae_dir, tmp_path):
+    """Test 8: stock folder -> vigu convert -> generate == WanPipeline on the original; export back loads strictly."""
+    recipe = tiny_recipe()
+    assert convert_folder(tiny_wan_vae_dir, tmp_path / "vigu", recipe) == "UniViGUPipeline"
+    pipe = UniViGUPipeline.from_pretrained(tmp_path / "vigu", local_files_only=True)
+    ours = pipe.generate(
+        PROMPT, generator=torch.Generator().manual_seed(0), text_stream="none", output_type="latent",
+        steps=SAMPLING["steps"], shift=SAMPLING["shift"], guidance_video=SAMPLING["guidance"], height=32, width=32,
+    ).videos
+    expected = wan_latents(WanPipeline.from_pretrained(tiny_wan_vae_dir, local_files_only=True))
+    assert float((ours - expected).abs().max()) <= 1e-5
+
+    assert convert_folder(tmp_path / "vigu", tmp_path / "wan-again", recipe) == "WanPipeline"
+    _, info = WanTransformer3DModel.from_pretrained(
+        tmp_path / "wan-again", subfolder="transformer", local_files_only=True, output_loading_info=True
+    )
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+    exported = WanPipeline.from_pretrained(tmp_path / "wan-again", local_files_only=True)
+    again = wan_latents(exported)
+    assert torch.equal(again, expected)
+
+
+def test_save_load_round_trip_identical_for_all_three_modes(tiny_wan_dir, tmp_path):
+    """Test 7: save_pretrained -> from_pretrained (offline) gives identical outputs in every mode."""
+    pipe = load_pipeline(tiny_wan_dir, tiny_recipe())
+    torch.manual_seed(1)  # make the text parameters non-trivial so the text stream says something
+    for p in pipe.transformer.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    clip = frames_to_tensor(world.render(world.sample_clip(np.random.default_rng(0), 16, 16, 9)))[None]
+
+    def run(p):
+        g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+        return (
+            p.generate(PROMPT, generator=g(), output_type="latent").videos,
+            p.caption(clip, generator=g()).texts,
+            p.joint(PROMPT, generator=g(), output_type="latent"),
+        )
+
+    before = run(pipe)
+    pipe.save_pretrained(tmp_path / "saved")
+    loaded = UniViGUPipeline.from_pretrained(tmp_path / "saved", local_files_only=True)
+    after = run(loaded)
+    assert torch.equal(before[0], after[0])
+    assert before[1] == after[1] and isinstance(before[1][0], str)
+    assert torch.equal(before[2].videos, after[2].videos) and before[2].texts == after[2].texts
+    assert type(loaded.transformer).__name__ == "UniViGUTransformer"
+
+
+def test_tiny_model_overfits_one_pair_and_captions_it_exactly(tiny_wan_dir):
+    """Test 9: one (video, caption) pair; after training the model captions that clip exactly and each
+    stream's loss is below its threshold (video 0.05, text 0.05, both per-token means)."""
+    recipe = tiny_recipe()
+    pipe = vigu_from_wan(WanPipeline.from_pretrained(tiny_wan_dir, local_files_only=True), recipe)
+    rng = np.random.default_rng(7)
+    spec = world.sample_clip(rng, 16, 16, 9)
+    caption = world.caption_text(spec, rng).lower()
+    clip = frames_to_tensor(world.render(spec))[None]
+    latents = pipe.encode_video(clip).repeat(16, 1, 1, 1, 1)
+    ids = pipe.text_ids([caption]).repeat(16, 1)
+    empty = pipe.encode_condition([""], "cpu").repeat(16, 1, 1)
+
+    model = pipe.transformer.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    generator = torch.Generator().manual_seed(0)
+    history = []
+    for _ in range(400):
+        loss, parts = unified_objective(model, pipe.text_flow, recipe.flow, latents, ids, empty, generator)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(parts)
+    model.eval()
+    last = {k: np.mean([h[k] for h in history[-50:]]) for k in ("loss_video", "loss_text")}
+    assert last["loss_video"] < 0.05, last
+    assert last["loss_text"] < 0.05, last
+    assert history[0]["loss_text"] > 10 * last["loss_text"]
+    out = pipe.caption(clip, generator=torch.Generator().manual_seed(0), steps=10)
+    assert out.texts[0] == caption
+    assert world.parse_caption(out.texts[0]) == spec.attributes()

@@ -1,0 +1,60 @@
+"""The unified training objective (paper eq. 9-11): one function used by every training stage."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..recipe import FlowSection
+from .flow import interpolate, per_sample_mse, sample_sigmas, sigma_to_timestep, unified_loss, velocity_target
+from .text import TextFlow
+
+
+def unified_objective(
+    model,
+    text_flow: TextFlow,
+    cfg: FlowSection,
+    video_latents: Optional[torch.Tensor],
+    text_ids: Optional[torch.Tensor],
+    condition: torch.Tensor,
+    generator: Optional[torch.Generator] = None,
+    core=None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Noise both streams at independent sigmas, predict, and return the unified loss and its parts.
+
+    `model` is what runs the forward (possibly wrapped by DDP/FSDP); `core` the unwrapped
+    `UniViGUTransformer` the text flow reads its token table from (default: `model`). A stream that is
+    None is absent (stage `base` trains video alone).
+    """
+    core = model if core is None else core
+    some = video_latents if video_latents is not None else text_ids
+    batch, device = some.shape[0], some.device
+    sigma_v, sigma_t = sample_sigmas(batch, cfg, generator, device)
+
+    x_v = target_v = x_t = sample = None
+    if video_latents is not None:
+        noise = torch.randn(video_latents.shape, generator=generator, device=device)
+        x_v = interpolate(video_latents, noise, sigma_v)
+        target_v = velocity_target(video_latents, noise)
+    if text_ids is not None:
+        sample = text_flow.sample_noisy(core, text_ids, sigma_t, generator)
+        x_t = sample.x
+
+    out = model(
+        hidden_states=x_v,
+        timestep=sigma_to_timestep(sigma_v) if x_v is not None else None,
+        encoder_hidden_states=condition,
+        text_states=x_t,
+        timestep_text=sigma_to_timestep(sigma_t) if x_t is not None else None,
+        return_dict=True,
+    )
+    video_loss = per_sample_mse(out.sample, target_v) if x_v is not None else None
+    text_loss = text_flow.loss(core, out.text_sample, sample, text_ids, sigma_t) if x_t is not None else None
+    num_video = math.prod(video_latents.shape[2:]) // math.prod(core.config.patch_size) if x_v is not None else 0
+    num_text = text_ids.shape[1] if x_t is not None else 0
+    return unified_loss(
+        video_loss, text_loss, cfg, num_video, num_text,
+        video_weight=(sigma_v > 0).float(), text_weight_mask=(sigma_t > 0).float(),
+    )
