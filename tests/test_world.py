@@ -203,6 +203,8 @@ def test_tokenizer_saves_and_loads_offline(tmp_path, monkeypatch):
     tokenizer.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
     text = caption_text(sample_clip(np.random.default_rng(7)), np.random.default_rng(7))
-    assert loaded(text, padding="max_length", max_length=32).input_ids == tokenizer(text, padding="max_length", max_length=32).input_ids
-    assert (loaded.pad_token_id, loaded.eos_token_id, loaded.unk_token_id, loaded.mask_token_id, loaded.padding_side) == (0, 1, 2, 3, "right")
+    padded = {"padding": "max_length", "max_length": 32}
+    assert loaded(text, **padded).input_ids == tokenizer(text, **padded).input_ids
+    specials = (loaded.pad_token_id, loaded.eos_token_id, loaded.unk_token_id, loaded.mask_token_id)
+    assert specials == (0, 1, 2, 3) and loaded.padding_side == "right"
     assert decode_text(loaded, loaded(text).input_ids) == text

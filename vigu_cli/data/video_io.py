@@ -42,12 +42,16 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 [F, H, W, 3], got {frames.dtype} {list(frames.shape)}")
     if frames.shape[1] % 2 or frames.shape[2] % 2:
-        raise VigUError(f"{path}: mp4 (H.264 yuv420p) needs an even height and width, got {frames.shape[1]}x{frames.shape[2]}; use an even canvas")
+        size = f"{frames.shape[1]}x{frames.shape[2]}"
+        raise VigUError(f"{path}: mp4 (H.264 yuv420p) needs an even height and width, got {size}; use an even canvas")
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".mp4")
     os.close(handle)
     try:
-        iio.imwrite(temporary, frames, fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=1, ffmpeg_log_level="error", **_FFMPEG)
+        iio.imwrite(
+            temporary, frames, fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=1,
+            ffmpeg_log_level="error", **_FFMPEG,
+        )
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -76,7 +80,9 @@ def load_clip(path: str | os.PathLike, num_frames: int, height: int, width: int)
     """read_video + fit_video, with a clear error for a clip that is too short."""
     frames = read_video(path)
     if len(frames) < num_frames:
-        raise VigUError(f"{path}: has {len(frames)} frames, fewer than the {num_frames} needed; use a longer clip or fewer frames")
+        raise VigUError(
+            f"{path}: has {len(frames)} frames, fewer than the {num_frames} needed; use a longer clip or fewer frames"
+        )
     return fit_video(frames, num_frames, height, width)
 
 
