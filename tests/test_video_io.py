@@ -1,5 +1,7 @@
 """Video I/O: mp4 through imageio-ffmpeg, fitting clips to a model's shape, tensors, clear errors."""
 
+import os
+
 import imageio.v3 as iio
 import numpy as np
 import pytest
@@ -34,6 +36,9 @@ def test_write_then_read_keeps_shape_dtype_fps_and_content(tmp_path):
     psnr = 10 * np.log10(255**2 / np.mean((back.astype(float) - frames) ** 2))
     assert psnr > 30, psnr  # yuv420p H.264 is lossy, not destructive
     assert [p.name for p in path.parent.iterdir()] == ["clip.mp4"]  # no temporary file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # a new file's usual permissions, not mkstemp's 0600
 
 
 def test_a_failed_write_leaves_no_partial_file_and_keeps_the_old_one(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ Numpy videos are uint8 [F, H, W, 3]; tensors are float [3, F, H, W] in [-1, 1].
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -16,16 +16,13 @@ import torch.nn.functional as F
 
 from vigu_cli.errors import VigUError
 
-_FFMPEG = {"plugin": "FFMPEG"}
-
-
 def read_video(path: str | os.PathLike) -> np.ndarray:
     """All frames of a video file as uint8 [F, H, W, 3]."""
     path = Path(path)
     if not path.is_file():
         raise VigUError(f"{path}: no such video file; check the path")
     try:
-        frames = iio.imread(path, **_FFMPEG)
+        frames = iio.imread(path, plugin="FFMPEG")
     except OSError as error:  # imageio reports unreadable files as OSError
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise VigUError(f"{path}: cannot be read as a video ({reason}); re-encode it as an mp4 (H.264)") from None
@@ -45,17 +42,16 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None
         size = f"{frames.shape[1]}x{frames.shape[2]}"
         raise VigUError(f"{path}: mp4 (H.264 yuv420p) needs an even height and width, got {size}; use an even canvas")
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".mp4")
-    os.close(handle)
+    # ffmpeg creates the temporary file, so it gets the usual permissions (mkstemp's would be 0600)
+    temporary = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp.mp4")
     try:
         iio.imwrite(
             temporary, frames, fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=1,
-            ffmpeg_log_level="error", **_FFMPEG,
+            ffmpeg_log_level="error", plugin="FFMPEG",
         )
         os.replace(temporary, path)
     finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        temporary.unlink(missing_ok=True)
 
 
 def fit_video(frames: np.ndarray, num_frames: int, height: int, width: int) -> np.ndarray:
