@@ -4,6 +4,7 @@ endpoint, a tiny real VLM through the transformers backend, and the world's grou
 import base64
 import json
 import logging
+import random
 import re
 import socket
 import threading
@@ -18,6 +19,7 @@ from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from vigu_cli.errors import VigUError
+from vigu_cli.synth import retry
 from vigu_cli.synth.captioners import (
     Captioner,
     CaptionerConfig,
@@ -91,7 +93,7 @@ def test_length_rule_rejects_after_the_last_attempt(caplog):
 def test_tokens_are_counted_without_special_tokens():
     tokenizer = word_tokenizer(words=("a", "red", "circle"), special=("</s>",))
     tokenizer.add_special_tokens({"eos_token": "</s>"})
-    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single="$A </s>", special_tokens=[("</s>", tokenizer.convert_tokens_to_ids("</s>"))]
     )
     assert len(tokenizer("a red circle.")["input_ids"]) == 5  # the post-processor adds </s>
@@ -115,15 +117,46 @@ def test_config_problems_are_one_line_errors(change, key):
     assert key in str(info.value) and "\n" not in str(info.value)
 
 
+def test_retry_helper_backs_off_exponentially_and_stops_when_told(monkeypatch):
+    delays = []
+    monkeypatch.setattr(retry.time, "sleep", delays.append)
+    failures = iter([retry.CallFailed(reason, True) for reason in ("http_503", "timeout", "http_429")])
+
+    def flaky():
+        failure = next(failures, None)
+        if failure:
+            raise failure
+        return "done"
+
+    policy = dict(backoff_s=1.0, rng=random.Random(0), label="test call")
+    outcome = retry.call_with_retries(flaky, max_retries=3, **policy)
+    assert (outcome.value, outcome.failure, outcome.tries) == ("done", None, 4)
+    draws = random.Random(0)  # the jitter comes from the seeded RNG: base * 2**(k-1) * (0.5 + U[0, 1))
+    assert delays == pytest.approx([2 ** k * (0.5 + draws.random()) for k in range(3)])
+
+    def refused():
+        raise retry.CallFailed("endpoint_unreachable", True)
+
+    stopped = retry.call_with_retries(refused, max_retries=5, give_up=lambda: True, **policy)
+    assert (stopped.failure.reason, stopped.tries) == ("endpoint_unreachable", 1)
+    exhausted = retry.call_with_retries(refused, max_retries=2, **policy)
+    assert exhausted.tries == 3
+
+    def bad_request():
+        raise retry.CallFailed("http_400", False)
+
+    assert retry.call_with_retries(bad_request, max_retries=5, **policy).tries == 1
+
+
 # ----------------------------------------------------------------------------------------------------
 # openai: a local fake endpoint that plays a script per item
 # ----------------------------------------------------------------------------------------------------
 
-TIMEOUT = 0.3
+TIMEOUT = 0.4  # client timeout, seconds; a good reply takes milliseconds
 CLIENT = dict(
     timeout_s=TIMEOUT, max_retries=2, backoff_s=0.01, length_attempts=2, concurrency=3,
     min_caption_tokens=8, max_caption_tokens=16, max_new_tokens=64, num_frames=4, image_size=48,
-)  # fmt: skip
+)
 LENGTHS = {"short": 4, "good": 12, "long": 24}
 
 # name: (the server's behaviour per request, expected reason (None: captioned), attempts, requests)
@@ -136,7 +169,7 @@ SCENARIOS = {
     "always_500": (["500"] * 3, "http_500", 1, 3),
     "always_429": (["429"] * 3, "http_429", 1, 3),
     "always_hang": (["hang"] * 3, "timeout", 1, 3),
-    "always_malformed": (["not_json", "no_choices", "empty"], "malformed_reply", 1, 3),
+    "always_malformed": (["empty", "no_choices", "not_json"], "malformed_reply", 1, 3),
     "always_long": (["long", "long"], "too_long", 2, 2),
     "short_then_500s": (["short", "500", "500", "500"], "http_500", 2, 4),
     "bad_request": (["400"], "http_400", 1, 1),
@@ -153,7 +186,7 @@ class FakeChatServer:
         self.scripts = scripts
         self.requests = Counter()
         self.texts = {}  # (item, k) -> instruction text
-        self.images = []  # per request: [(shape, mean value)] of its decoded PNGs
+        self.images = []  # per request: [(url header, shape, mean value)] of its images
         self.auth = set()
         self.in_flight = self.max_in_flight = 0
         self.lock = threading.Lock()
@@ -192,7 +225,7 @@ class FakeChatServer:
                     return
                 fake._leave()
                 if behaviour in LENGTHS:
-                    self._send(200, {"choices": [{"message": {"role": "assistant", "content": words(LENGTHS[behaviour])}}]})
+                    self._send(200, {"choices": [{"message": {"content": words(LENGTHS[behaviour])}}]})
                 elif behaviour == "not_json":
                     self._send(200, b"<html>upstream hiccup</html>")
                 elif behaviour == "no_choices":
@@ -218,9 +251,9 @@ class FakeChatServer:
         images = [part["image_url"]["url"] for part in message["content"] if part["type"] == "image_url"]
         decoded = []
         for url in images:
-            assert url.startswith("data:image/png;base64,")
-            image = iio.imread(base64.b64decode(url.split(",", 1)[1]))
-            decoded.append((image.shape, float(image.mean())))
+            header, data = url.split(",", 1)
+            image = iio.imread(base64.b64decode(data), extension=".png")
+            decoded.append((header, image.shape, float(image.mean())))
         item = re.search(r"\((clip-\d+)\)", text).group(1)
         with self.lock:
             k = self.requests[item]
@@ -250,7 +283,7 @@ def test_openai_backend_survives_a_flaky_endpoint(monkeypatch, caplog):
     items = [CaptionItem(i, f"a red circle moving left ({i})", clip_frames()) for i in ids]
 
     with FakeChatServer({i: SCENARIOS[scenario[i]][0] for i in ids}) as server:
-        config = CaptionerConfig(backend="openai", base_url=server.url, model="fake-vlm", api_key_env="VIGU_TEST_KEY", **CLIENT)
+        config = CaptionerConfig(backend="openai", base_url=server.url, api_key_env="VIGU_TEST_KEY", **CLIENT)
         captioner = make_captioner(config, word_tokenizer())
         with caplog.at_level(logging.DEBUG, logger=LOGGER):
             results = captioner.caption_batch(items)
@@ -265,19 +298,22 @@ def test_openai_backend_survives_a_flaky_endpoint(monkeypatch, caplog):
     assert captioner.error is None  # no failure here stops the run
 
     rejected = [r for r in results if not r.ok]
-    assert {r.reason for r in rejected} == {"http_500", "http_429", "http_400", "timeout", "malformed_reply", "too_long"}
+    reasons = {"http_500", "http_429", "http_400", "timeout", "malformed_reply", "too_long"}
+    assert {r.reason for r in rejected} == reasons
     warnings = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
     for r in rejected:
         assert sum(r.id in line and r.reason in line for line in warnings) == 1
     assert any("retry" in rec.getMessage() for rec in caplog.records if rec.levelno == logging.INFO)
 
     assert 2 <= server.max_in_flight <= CLIENT["concurrency"]
-    # every request carried the 4 frames 0, 4, 8, 12 of 13, resized to a longer side of 48 pixels
-    assert server.images and all(seen == [((36, 48, 3), v) for v in (0.0, 40.0, 80.0, 120.0)] for seen in server.images)
+    # every request carried the 4 frames 0, 4, 8, 12 of 13 as PNGs, resized to a longer side of 48 pixels
+    sent = [("data:image/png;base64", (36, 48, 3), value) for value in (0.0, 40.0, 80.0, 120.0)]
+    assert len(server.images) == sum(server.requests.values()) and all(seen == sent for seen in server.images)
     assert server.auth == {"Bearer sk-not-for-logs"} and "sk-not-for-logs" not in caplog.text
     # the instruction names the prompt and the length; a re-ask says what was wrong
     first_short = next(i for i in ids if scenario[i] == "short_then_good")
-    assert "a red circle moving left" in server.texts[first_short, 0] and "between 8 and 16 tokens" in server.texts[first_short, 0]
+    first_text = server.texts[first_short, 0]
+    assert "a red circle moving left" in first_text and "between 8 and 16 tokens" in first_text
     assert "had 4 tokens, too few" in server.texts[first_short, 1]
 
 
@@ -306,7 +342,8 @@ def test_refused_api_key_stops_the_run_and_names_the_variable():
     with FakeChatServer({f"clip-{i}": ["401"] * 5 for i in range(6)}) as server:
         config = CaptionerConfig(backend="openai", base_url=server.url, api_key_env="VIGU_TEST_KEY", **CLIENT)
         captioner = make_captioner(config, word_tokenizer())
-        results = captioner.caption_batch([CaptionItem(f"clip-{i}", f"a circle (clip-{i})", clip_frames()) for i in range(6)])
+        items = [CaptionItem(f"clip-{i}", f"a circle (clip-{i})", clip_frames()) for i in range(6)]
+        results = captioner.caption_batch(items)
     assert [r.reason for r in results] == ["http_401"] * 6
     assert sum(server.requests.values()) <= CLIENT["concurrency"]  # not retried; the rest never sent
     assert "$VIGU_TEST_KEY" in str(captioner.error) and "fake 401" in str(captioner.error)
@@ -338,7 +375,7 @@ def tiny_vlm(tmp_path_factory):
     processor = LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="full",
         num_additional_image_tokens=1, chat_template=VLM_TEMPLATE,  # CLIP's class token
-    )  # fmt: skip
+    )
     ids = tokenizer.convert_tokens_to_ids
     config = LlavaConfig(
         vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -347,7 +384,7 @@ def tiny_vlm(tmp_path_factory):
                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
                          bos_token_id=ids("<s>"), eos_token_id=ids("</s>"), pad_token_id=ids("<pad>")),
         image_token_id=ids("<image>"), vision_feature_select_strategy="full", vision_feature_layer=-1,
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     LlavaForConditionalGeneration(config).save_pretrained(path)
     processor.save_pretrained(path)
@@ -361,17 +398,19 @@ def test_transformers_backend_generates_from_the_frames(tiny_vlm):
         backend="transformers", model_path=str(tiny_vlm), num_frames=2, image_size=28, batch_size=2,
         temperature=0.0, max_new_tokens=6, min_caption_tokens=2, max_caption_tokens=4, length_attempts=2,
         device="cpu", dtype="float32",
-    )  # fmt: skip
+    )
     tokenizer = AutoTokenizer.from_pretrained(tiny_vlm, local_files_only=True)
     captioner = make_captioner(config, tokenizer)
     assert type(captioner.model).__name__ == "LlavaForConditionalGeneration"
     images_seen = []
-    captioner.model.model.vision_tower.register_forward_hook(
-        lambda module, args, kwargs, out: images_seen.append(kwargs.get("pixel_values", args[0] if args else None).shape[0]),
-        with_kwargs=True,
-    )
+
+    def count_images(module, args, kwargs, output):
+        images_seen.append(len(kwargs["pixel_values"] if "pixel_values" in kwargs else args[0]))
+
+    captioner.model.model.vision_tower.register_forward_hook(count_images, with_kwargs=True)
     rng = np.random.default_rng(0)
-    items = [CaptionItem(f"clip-{i}", "a red circle moving left", rng.integers(0, 256, (5, 40, 40, 3), dtype=np.uint8)) for i in range(3)]
+    clips = rng.integers(0, 256, (3, 5, 40, 40, 3), dtype=np.uint8)
+    items = [CaptionItem(f"clip-{i}", "a red circle moving left", frames) for i, frames in enumerate(clips)]
     results = captioner.caption_batch(items)
 
     assert [r.id for r in results] == [item.id for item in items]
@@ -386,6 +425,14 @@ def test_transformers_backend_generates_from_the_frames(tiny_vlm):
     assert len(images_seen) >= 2  # batch_size 2 splits three items
 
 
+def test_transformers_backend_explains_a_missing_or_broken_folder(tmp_path):
+    for path, words_expected in [(tmp_path / "absent", "not found"), (tmp_path, "could not load")]:
+        config = CaptionerConfig(backend="transformers", model_path=str(path))
+        with pytest.raises(VigUError) as info:
+            make_captioner(config, word_tokenizer())
+        assert words_expected in str(info.value) and str(path) in str(info.value) and "\n" not in str(info.value)
+
+
 # ----------------------------------------------------------------------------------------------------
 # world: ground-truth captions (needs vigu_cli.data.world, built on the world branch)
 # ----------------------------------------------------------------------------------------------------
@@ -398,12 +445,12 @@ def test_world_captions_parse_back_to_the_spec():
     specs = [world.sample_clip(rng) for _ in range(8)]
     items = [CaptionItem(f"clip-{i}", world.prompt_text(spec), spec=spec) for i, spec in enumerate(specs)]
     tokenizer = word_tokenizer()
-    config = CaptionerConfig(backend="world", min_caption_tokens=8, max_caption_tokens=40)
-    results = make_captioner(config, tokenizer).caption_batch(items)
+    rule = dict(backend="world", min_caption_tokens=8, max_caption_tokens=40)
+    results = make_captioner(CaptionerConfig(**rule), tokenizer).caption_batch(items)
     assert all(r.ok and r.attempts == 1 for r in results)
     for spec, r in zip(specs, results):
         assert world.parse_caption(r.caption) == spec.attributes()
-    again = make_captioner(config, tokenizer).caption_batch(items)
+    again = make_captioner(CaptionerConfig(**rule), tokenizer).caption_batch(items)
     assert [r.caption for r in again] == [r.caption for r in results]  # deterministic per item
-    reseeded = make_captioner(CaptionerConfig(backend="world", min_caption_tokens=8, max_caption_tokens=40, seed=1), tokenizer)
-    assert [r.caption for r in reseeded.caption_batch(items)] != [r.caption for r in results]  # varied wording
+    reseeded = make_captioner(CaptionerConfig(**rule, seed=1), tokenizer).caption_batch(items)
+    assert [r.caption for r in reseeded] != [r.caption for r in results]  # varied wording

@@ -34,9 +34,9 @@ class TransformersCaptioner(Captioner):
         try:
             self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
             self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True)
-        except (OSError, ValueError, ImportError) as exc:
-            lines = str(exc).strip().splitlines()
-            raise VigUError(f"could not load the captioner model from {path}: {lines[0] if lines else exc!r}") from None
+        except (OSError, ValueError, ImportError) as exc:  # e.g. no model there; Qwen-VL without torchvision
+            reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+            raise VigUError(f"could not load the captioner model from {path}: {reason}") from None
         self.model.to(self.device).eval()
         self.processor.tokenizer.padding_side = "left"  # generation continues every row from its end
 

@@ -63,7 +63,7 @@ class CaptionerConfig:
     api_key_env: str = "OPENAI_API_KEY"  # openai: name of the environment variable holding the key
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE  # placeholders: {prompt}, {min_tokens}, {max_tokens}
     num_frames: int = 8  # frames sampled evenly from each clip and shown to the model
-    image_size: int = 448  # each frame's longer side is resized to this many pixels; 0 keeps it
+    image_size: int = 448  # each frame's longer side is scaled to this many pixels (up or down); 0 keeps it
     concurrency: int = 8  # openai: requests in flight at once
     timeout_s: float = 120.0  # openai: per-request socket timeout
     max_retries: int = 4  # openai: retries of one request after 429/5xx, timeouts, connection errors
@@ -85,8 +85,8 @@ class CaptionerConfig:
         fields = {name for _, name, _, _ in string.Formatter().parse(self.prompt_template) if name is not None}
         if "prompt" not in fields or not fields <= TEMPLATE_FIELDS:
             raise VigUError(
-                f"{where}.prompt_template must contain {{prompt}} and no placeholders but "
-                f"{{prompt}}, {{min_tokens}}, {{max_tokens}} (write literal braces as {{{{ }}}}); it has {sorted(fields)}"
+                f"{where}.prompt_template must contain {{prompt}} and no placeholders but {{prompt}}, "
+                f"{{min_tokens}}, {{max_tokens}} (double literal braces); it has {sorted(fields)}"
             )
         if not 0 <= self.min_caption_tokens <= self.max_caption_tokens:
             raise VigUError(
@@ -184,6 +184,7 @@ class Captioner(ABC):
         self.error: VigUError | None = None
 
     def caption_batch(self, items: Sequence[CaptionItem]) -> list[CaptionResult]:
+        """One result per item, in the items' order; every item ends captioned or rejected."""
         return self._apply_length_rule(items)
 
     @abstractmethod
@@ -240,7 +241,9 @@ class Captioner(ABC):
         )
 
     @staticmethod
-    def _reject(item, reason, attempts, requests, tokens, detail) -> CaptionResult:
+    def _reject(
+        item: CaptionItem, reason: str, attempts: int, requests: int, tokens: int | None, detail: str
+    ) -> CaptionResult:
         log.warning(
             "caption rejected: item %s: %s after %d attempt(s), %d request(s)%s",
             item.id, reason, attempts, requests, f" ({detail})" if detail else "",
@@ -250,7 +253,8 @@ class Captioner(ABC):
 
 def make_captioner(config: CaptionerConfig, tokenizer: Any) -> Captioner:
     """The backend `config.backend` names. `tokenizer` counts tokens for the length rule (the tokenizer
-    of the model that will learn the captions: umT5 for Wan, the world tokenizer for the world)."""
+    of the model that will learn the captions: umT5 for Wan, the world tokenizer for the world).
+    Backends are imported on demand, so only `transformers` pulls in torch and transformers."""
     if config.backend == "world":
         from .captioner_world import WorldCaptioner
 
