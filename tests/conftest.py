@@ -8,9 +8,10 @@ from vigu_cli.recipe import load_recipe
 
 torch.set_num_threads(1)
 
-# world-tiny, shrunk: a 16x16x9 canvas, width 64, two layers.
+# world-tiny, shrunk: a 16x16x9 canvas folded 4 x 2 x 2 (48 latent channels, below the width 64), two layers.
 TINY = [
-    "model.height=16", "model.width=16", "model.num_frames=9",
+    "model.height=16", "model.width=16", "model.num_frames=9", "model.vae.spatial_fold=2",
+    "model.transformer.in_channels=48", "model.transformer.out_channels=48",
     "model.transformer.num_attention_heads=2", "model.transformer.attention_head_dim=32",
     "model.transformer.ffn_dim=128", "model.transformer.num_layers=2",
     "text.max_length=32", "text.latent_dim=16", "sampling.steps=4",

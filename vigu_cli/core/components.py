@@ -44,10 +44,10 @@ def build_vae(model: ModelSection):
     shape) or a small `AutoencoderKLWan` (its default config's statistics)."""
     vae = model.vae
     if vae.kind == "world":
-        stats = measure_latent_stats(
-            vae.temporal_fold, vae.spatial_fold, model.height, model.width, model.num_frames, num_clips=64
-        )
-        return WorldPatchAutoencoder(temporal_fold=vae.temporal_fold, spatial_fold=vae.spatial_fold, **stats)
+        autoencoder = WorldPatchAutoencoder(temporal_fold=vae.temporal_fold, spatial_fold=vae.spatial_fold)
+        mean, std = measure_latent_stats(autoencoder, model.height, model.width, model.num_frames)
+        autoencoder.register_to_config(latents_mean=mean, latents_std=std)
+        return autoencoder
     return AutoencoderKLWan(
         base_dim=vae.base_dim,
         z_dim=vae.z_dim,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from diffusers import ModelMixin  # noqa: F401  (diffusers finds a component's loadable base class in its module)
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention import FeedForward
 from diffusers.models.embeddings import TimestepEmbedding, get_1d_rotary_pos_embed

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 from diffusers import WanPipeline
+from diffusers.configuration_utils import FrozenDict
 from diffusers.utils import BaseOutput
 
 from ..data.video_io import tensor_to_frames
@@ -40,7 +41,6 @@ class UniViGUPipelineOutput(BaseOutput):
 
 class UniViGUPipeline(WanPipeline):
     model_cpu_offload_seq = "text_encoder->transformer->vae"
-    _optional_components = ["transformer_2"]
 
     def __init__(
         self,
@@ -68,6 +68,10 @@ class UniViGUPipeline(WanPipeline):
         generate_text: str = "prompt",
     ):
         super().__init__(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer)
+        # WanPipeline's Wan2.2 options are not ours: keep them out of model_index.json
+        self._internal_dict = FrozenDict(
+            {k: v for k, v in self._internal_dict.items() if k not in ("transformer_2", "boundary_ratio", "expand_timesteps")}
+        )
         self.register_modules(text_tokenizer=text_tokenizer)
         self.register_to_config(
             text_formulation=text_formulation,
@@ -127,6 +131,7 @@ class UniViGUPipeline(WanPipeline):
             latents = latents * std + mean
         return self.vae.decode(latents, return_dict=False)[0].clamp(-1, 1)
 
+    @torch.no_grad()
     def encode_condition(self, prompts: list[str], device) -> torch.Tensor:
         """umT5 prompt embeddings, padded as WanPipeline pads them."""
         embeds, _ = self.encode_prompt(

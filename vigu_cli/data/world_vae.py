@@ -5,9 +5,7 @@ one latent voxel, and decoding is the exact inverse. Like Wan's causal VAE the f
 alone (replicated across the temporal fold), so F = k * temporal_fold + 1 frames give 1 + k latent
 frames. It has the interface of diffusers' `AutoencoderKLWan` (`encode(x).latent_dist`,
 `decode(z).sample`, config `z_dim`, `latents_mean`, `latents_std`, `scale_factor_temporal`,
-`scale_factor_spatial`, and `temperal_downsample` with 2 ** sum = temporal fold and 2 ** len = spatial
-fold), so `WanPipeline`, the cache and every command treat it as any VAE. Folds are powers of two
-(what `temperal_downsample` can express) with temporal_fold <= spatial_fold.
+`scale_factor_spatial`), so `WanPipeline`, the cache and every command treat it as any VAE.
 """
 
 from __future__ import annotations
@@ -28,8 +26,7 @@ class WorldPatchAutoencoder(ModelMixin, ConfigMixin):
     [B, 3 * temporal_fold * spatial_fold**2, 1 + (F - 1) // temporal_fold, H / spatial_fold, W / spatial_fold].
     Latent channel index = ((colour * temporal_fold + frame) * spatial_fold + row) * spatial_fold + col.
 
-    `z_dim`, `scale_factor_temporal`, `scale_factor_spatial` and `temperal_downsample` follow from the
-    folds; they are accepted (and checked) so that a saved config loads back without warnings.
+    `z_dim`, `scale_factor_temporal` and `scale_factor_spatial` follow from the folds; they are accepted (and checked) so that a saved config loads back without warnings.
     """
 
     @register_to_config
@@ -42,27 +39,20 @@ class WorldPatchAutoencoder(ModelMixin, ConfigMixin):
         z_dim: int | None = None,
         scale_factor_temporal: int | None = None,
         scale_factor_spatial: int | None = None,
-        temperal_downsample: list[bool] | None = None,
     ):
         super().__init__()
-        log_t, log_s = int(temporal_fold).bit_length() - 1, int(spatial_fold).bit_length() - 1
-        if temporal_fold != 2**log_t or spatial_fold != 2**log_s or log_t > log_s:
-            raise ValueError(
-                f"temporal_fold ({temporal_fold}) and spatial_fold ({spatial_fold}) must be powers of two "
-                "with temporal_fold <= spatial_fold"
-            )
+        if temporal_fold < 1 or spatial_fold < 1:
+            raise ValueError(f"temporal_fold ({temporal_fold}) and spatial_fold ({spatial_fold}) must be >= 1")
         channels = 3 * temporal_fold * spatial_fold**2
         derived = {
             "z_dim": channels,
             "scale_factor_temporal": temporal_fold,
             "scale_factor_spatial": spatial_fold,
-            "temperal_downsample": [False] * (log_s - log_t) + [True] * log_t,
         }
         given = {
             "z_dim": z_dim,
             "scale_factor_temporal": scale_factor_temporal,
             "scale_factor_spatial": scale_factor_spatial,
-            "temperal_downsample": temperal_downsample,
         }
         for name, value in derived.items():
             if given[name] not in (None, value):
@@ -73,7 +63,6 @@ class WorldPatchAutoencoder(ModelMixin, ConfigMixin):
             raise ValueError(f"latents_mean and latents_std need one value per latent channel ({channels})")
         self.register_to_config(**derived, latents_mean=latents_mean, latents_std=latents_std)
         self.z_dim = channels
-        self.temperal_downsample = derived["temperal_downsample"]
         # No learnt state. This buffer gives the module a dtype and a device (WanPipeline casts latents
         # to `vae.dtype`) and a weights file, so save/from_pretrained work as for any diffusers model.
         self.register_buffer("folds", torch.tensor([float(temporal_fold), float(spatial_fold)]))
