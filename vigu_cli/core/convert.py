@@ -23,6 +23,7 @@ from transformers import AutoTokenizer
 from ..data.world_text import build_world_tokenizer
 from ..errors import VigUError
 from ..recipe import Recipe
+from .components import build_wan_pipeline
 from .model import UniViGUTransformer
 from .pipeline import UniViGUPipeline
 
@@ -102,12 +103,22 @@ def folder_class(path: str | Path) -> str:
 
 def load_pipeline(path: str | Path, recipe: Recipe, **kwargs) -> UniViGUPipeline:
     """A local folder as a `UniViGUPipeline`, offline: vigu folders load, stock Wan folders convert."""
+    if not Path(path).is_dir():
+        raise VigUError(f"model folder {path} does not exist: give a local Wan2.1 diffusers folder or a vigu folder")
     kind = folder_class(path)
     if kind == "UniViGUPipeline":
         return UniViGUPipeline.from_pretrained(path, local_files_only=True, **kwargs)
     if kind == "WanPipeline":
         return vigu_from_wan(WanPipeline.from_pretrained(path, local_files_only=True, **kwargs), recipe)
     raise VigUError(f"{path} holds a {kind}, not a WanPipeline or UniViGUPipeline folder")
+
+
+def pipeline_from_recipe(recipe: Recipe) -> UniViGUPipeline:
+    """The recipe's model: `model.base: world` builds the world's untrained "Wan2.1" (seeded, so the same
+    everywhere); otherwise `model.base` is a local folder."""
+    if recipe.model.base == "world":
+        return vigu_from_wan(build_wan_pipeline(recipe, seed=0), recipe)
+    return load_pipeline(recipe.model.base, recipe)
 
 
 def save_folder(pipeline, out_dir: str | Path) -> Path:

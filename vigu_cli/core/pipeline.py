@@ -136,7 +136,7 @@ class UniViGUPipeline(WanPipeline):
         """umT5 prompt embeddings, padded as WanPipeline pads them."""
         embeds, _ = self.encode_prompt(
             prompts, do_classifier_free_guidance=False, max_sequence_length=self.config.prompt_max_length,
-            device=device, dtype=self.transformer.dtype,
+            device=device, dtype=(self.transformer or self.text_encoder).dtype,
         )
         return embeds
 
