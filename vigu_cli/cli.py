@@ -19,7 +19,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="Recipe name (see `vigu recipe`) or YAML path.")]
 SetOpt = Annotated[
@@ -40,6 +40,20 @@ def recipe(
 ) -> None:
     """Print a recipe with every default filled in and overrides applied."""
     print(dump_recipe(load_recipe(name, set_)), end="")
+
+
+@app.command()
+def convert(
+    src: Annotated[str, typer.Argument(help="A local stock Wan2.1 diffusers folder, or a vigu folder.")],
+    dst: Annotated[str, typer.Argument(help="Output folder (written to a temporary name, then renamed).")],
+    recipe: RecipeOpt = "world-tiny",
+    set_: SetOpt = None,
+) -> None:
+    """Stock Wan2.1 folder -> vigu folder (new text parameters per the recipe), or vigu -> stock Wan."""
+    from .core.convert import convert_folder
+
+    made = convert_folder(src, dst, load_recipe(recipe, set_))
+    console.print(f"wrote {dst} ({made})")
 
 
 @app.command("build-dataset")
