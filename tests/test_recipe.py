@@ -23,6 +23,7 @@ def test_override_is_type_checked_and_applied():
     recipe = load_recipe("world-tiny", ["sampling.steps=7", "flow.lambda_text=2", "sampling.solver=heun"])
     assert recipe.sampling.steps == 7 and recipe.sampling.solver == "heun"
     assert recipe.flow.lambda_text == 2.0
+    assert load_recipe("world-tiny", ["train.recall.learning_rate=3e-4"]).train.recall.learning_rate == 3e-4
     assert load_recipe("world-tiny", ["model.transformer.patch_size=[1,2,2]"]).model.transformer.patch_size == [1, 2, 2]
 
 

@@ -63,9 +63,31 @@ def build_dataset() -> None:
 
 
 @app.command()
-def train() -> None:
-    """Train a stage (base | recall | refine) in one Accelerate loop."""
-    not_built("train", "0.3", 5)
+def train(
+    stage: Annotated[str, typer.Option("--stage", "-s", help="base | recall | refine")],
+    recipe: RecipeOpt = "world-tiny",
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the stage's last checkpoint.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print parameters and memory per GPU; train nothing.")] = False,
+    accelerate_config: Annotated[
+        Optional[str], typer.Option("--accelerate-config", help="With --dry-run: the accelerate config to plan for.")
+    ] = None,
+) -> None:
+    """Train a stage (base | recall | refine) in one Accelerate loop; launch with `accelerate launch -m vigu_cli`."""
+    loaded = load_recipe(recipe, set_)
+    if dry_run:
+        from rich.table import Table
+
+        from .train_plan import describe, plan
+
+        table = Table(title=f"vigu train --stage {stage} ({loaded.name})", show_header=False)
+        for name, value in describe(plan(loaded, stage, accelerate_config)):
+            table.add_row(name, value)
+        Console().print(table)
+        return
+    from .train import train as run
+
+    console.print(f"wrote {run(loaded, stage, resume=resume)}")
 
 
 @app.command()

@@ -141,12 +141,54 @@ class SamplingSection:
 
 
 @dataclass
+class StageSection:
+    """One training stage (DESIGN.md section 5): what is trained, on which target, with which optimiser."""
+
+    init: str = "previous"  # "previous" (the stage before's model), "base" (model.base), "fresh" (world: untrained)
+    trainable: Literal["full", "text", "lora"] = "full"  # text: only the new text parameters
+    lora_rank: int = 32
+    lora_alpha: float = 32.0
+    lora_targets: list[str] = field(default_factory=lambda: ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"])
+    text_target: Literal["none", "prompt", "caption"] = "caption"
+    cond_dropout: float = 0.1  # probability of replacing the prompt condition by the empty prompt
+    learning_rate: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # paper: Adam (0.9, 0.95)
+    weight_decay: float = 0.0
+    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = "constant_with_warmup"
+    warmup_steps: int = 100
+    max_steps: int = 1000
+    batch_size: int = 8  # per process
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    validate_every: int = 0  # 0: only at the end
+    val_items: int = 32
+    val_steps: int = 20
+    seed: int = 0
+
+
+@dataclass
+class TrainSection:
+    output_dir: str = ""  # default: runs/<recipe name>; each stage writes <output_dir>/<stage>
+    dataset: str = ""  # a `vigu build-dataset` folder; default: data.out
+    report_to: str = "none"  # an accelerate tracker (tensorboard, wandb, ...) when installed, or "all"
+    base: StageSection = field(default_factory=lambda: StageSection(init="fresh", text_target="none"))
+    recall: StageSection = field(default_factory=lambda: StageSection(init="base", text_target="prompt", cond_dropout=0.5))
+    refine: StageSection = field(default_factory=lambda: StageSection(init="previous", text_target="caption", cond_dropout=0.3))
+
+
+@dataclass
 class Recipe:
     name: str = "unnamed"
     model: ModelSection = field(default_factory=ModelSection)
     text: TextSection = field(default_factory=TextSection)
     flow: FlowSection = field(default_factory=FlowSection)
     sampling: SamplingSection = field(default_factory=SamplingSection)
+    train: TrainSection = field(default_factory=TrainSection)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -270,6 +312,11 @@ def convert(hint: Any, value: Any, where: str) -> Any:
         return None
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float) and isinstance(value, bool):
         raise RecipeError(f"'{where}' must be {hint.__name__}, got {value!r}")
     if not isinstance(value, hint):

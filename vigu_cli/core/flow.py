@@ -60,8 +60,17 @@ def predicted_data(x: torch.Tensor, prediction: torch.Tensor, sigma: torch.Tenso
     return x - _broadcast(sigma, x) * prediction
 
 
+def draw(fn, size: tuple[int, ...], batch_slice: Optional[tuple[int, int]] = None, **kwargs) -> torch.Tensor:
+    """`fn(size=..., **kwargs)` (torch.rand, randn, randint) drawn for the whole global batch
+    `batch_slice = (start, total)`, keeping this process's rows: N processes then see exactly the
+    randomness of one process with the N-times batch."""
+    start, total = batch_slice or (0, size[0])
+    return fn(size=(total, *size[1:]), **kwargs)[start : start + size[0]]
+
+
 def sample_sigmas(
-    batch: int, cfg: FlowSection, generator: Optional[torch.Generator] = None, device=None
+    batch: int, cfg: FlowSection, generator: Optional[torch.Generator] = None, device=None,
+    batch_slice: Optional[tuple[int, int]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Independent (sigma_v, sigma_t) per sample (paper: tau_v, tau_t ~ U(0, 1) independently).
 
@@ -71,16 +80,18 @@ def sample_sigmas(
     half generation (text clean, sigma_t = 0).
     """
 
-    def draw() -> torch.Tensor:
-        if cfg.tau_sampling == "logit_normal":
-            normal = torch.randn(batch, generator=generator, device=device)
-            return torch.sigmoid(cfg.logit_mean + cfg.logit_std * normal)
-        sigma = torch.rand(batch, generator=generator, device=device)
-        return shift_sigma(sigma, cfg.tau_shift) if cfg.tau_sampling == "shifted" else sigma
+    def uniform() -> torch.Tensor:
+        return draw(torch.rand, (batch,), batch_slice, generator=generator, device=device)
 
-    sigma_v, sigma_t = draw(), draw()
-    corner = torch.rand(batch, generator=generator, device=device) < cfg.corner_prob
-    understanding = torch.rand(batch, generator=generator, device=device) < 0.5
+    def sigma() -> torch.Tensor:
+        if cfg.tau_sampling == "logit_normal":
+            normal = draw(torch.randn, (batch,), batch_slice, generator=generator, device=device)
+            return torch.sigmoid(cfg.logit_mean + cfg.logit_std * normal)
+        return shift_sigma(uniform(), cfg.tau_shift) if cfg.tau_sampling == "shifted" else uniform()
+
+    sigma_v, sigma_t = sigma(), sigma()
+    corner = uniform() < cfg.corner_prob
+    understanding = uniform() < 0.5
     sigma_v = torch.where(corner & understanding, torch.zeros_like(sigma_v), sigma_v)
     sigma_t = torch.where(corner & ~understanding, torch.zeros_like(sigma_t), sigma_t)
     return sigma_v, sigma_t

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from ..recipe import FlowSection
-from .flow import interpolate, per_sample_mse, sample_sigmas, sigma_to_timestep, unified_loss, velocity_target
+from .flow import draw, interpolate, per_sample_mse, sample_sigmas, sigma_to_timestep, unified_loss, velocity_target
 from .text import TextFlow
 
 
@@ -21,25 +21,27 @@ def unified_objective(
     condition: torch.Tensor,
     generator: Optional[torch.Generator] = None,
     core=None,
+    batch_slice: Optional[tuple[int, int]] = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Noise both streams at independent sigmas, predict, and return the unified loss and its parts.
 
     `model` is what runs the forward (possibly wrapped by DDP/FSDP); `core` the unwrapped
     `UniViGUTransformer` the text flow reads its token table from (default: `model`). A stream that is
-    None is absent (stage `base` trains video alone).
+    None is absent (stage `base` trains video alone). `batch_slice = (start, total)`: this process's rows
+    of the global batch, so every random draw equals one process's with the whole batch (`flow.draw`).
     """
     core = model if core is None else core
     some = video_latents if video_latents is not None else text_ids
     batch, device = some.shape[0], some.device
-    sigma_v, sigma_t = sample_sigmas(batch, cfg, generator, device)
+    sigma_v, sigma_t = sample_sigmas(batch, cfg, generator, device, batch_slice)
 
     x_v = target_v = x_t = sample = None
     if video_latents is not None:
-        noise = torch.randn(video_latents.shape, generator=generator, device=device)
+        noise = draw(torch.randn, video_latents.shape, batch_slice, generator=generator, device=device)
         x_v = interpolate(video_latents, noise, sigma_v)
         target_v = velocity_target(video_latents, noise)
     if text_ids is not None:
-        sample = text_flow.sample_noisy(core, text_ids, sigma_t, generator)
+        sample = text_flow.sample_noisy(core, text_ids, sigma_t, generator, batch_slice)
         x_t = sample.x
 
     out = model(

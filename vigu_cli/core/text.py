@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .flow import _broadcast, interpolate, per_sample_mse, predicted_data, velocity_target
+from .flow import _broadcast, draw, interpolate, per_sample_mse, predicted_data, velocity_target
 
 # ----------------------------------------------------------------------------------------------------
 # Tokens
@@ -80,7 +80,8 @@ class TextFlow:
         """A draw from the source distribution (sigma = 1)."""
         raise NotImplementedError
 
-    def sample_noisy(self, model, ids: torch.Tensor, sigma: torch.Tensor, generator=None) -> NoisyText:
+    def sample_noisy(self, model, ids: torch.Tensor, sigma: torch.Tensor, generator=None, batch_slice=None) -> NoisyText:
+        """The training input at sigma; randomness drawn as `flow.draw` does (global batch, this slice)."""
         raise NotImplementedError
 
     def loss(self, model, prediction: torch.Tensor, sample: NoisyText, ids: torch.Tensor, sigma: torch.Tensor):
@@ -105,20 +106,22 @@ class EmbeddingTextFlow(TextFlow):
 
     @staticmethod
     def table(model) -> torch.Tensor:
-        """E with every row at norm sqrt(d_t), the scale of a N(0, I) draw."""
-        weight = model.text_embedding.weight
-        return F.normalize(weight.float(), dim=-1) * math.sqrt(weight.shape[-1])
+        """E with every row at norm sqrt(d_t), the scale of a N(0, I) draw. Read through the embedding's
+        forward, not `.weight`, so that a sharded (FSDP) embedding gathers its rows first."""
+        embedding = model.text_embedding
+        rows = embedding(torch.arange(embedding.num_embeddings, device=embedding.weight.device))
+        return F.normalize(rows.float(), dim=-1) * math.sqrt(rows.shape[-1])
 
     def clean(self, model, ids):
         return self.table(model)[ids]
 
     def noise(self, model, batch, length, generator=None, device=None):
-        dim = model.text_embedding.weight.shape[-1]
+        dim = model.config.text_latent_dim
         return torch.randn(batch, length, dim, generator=generator, device=device)
 
-    def sample_noisy(self, model, ids, sigma, generator=None):
+    def sample_noisy(self, model, ids, sigma, generator=None, batch_slice=None):
         clean = self.clean(model, ids)
-        noise = torch.randn(clean.shape, generator=generator, device=clean.device)
+        noise = draw(torch.randn, clean.shape, batch_slice, generator=generator, device=clean.device)
         return NoisyText(x=interpolate(clean, noise, sigma), clean=clean, noise=noise)
 
     def loss(self, model, prediction, sample, ids, sigma):
@@ -156,9 +159,12 @@ class DiscreteTextFlow(TextFlow):
             return torch.full((batch, length), self.mask_token_id, dtype=torch.long, device=device)
         return torch.randint(0, self.vocab_size, (batch, length), generator=generator, device=device)
 
-    def sample_noisy(self, model, ids, sigma, generator=None):
-        noise = self.noise(model, *ids.shape, generator=generator, device=ids.device)
-        keep = torch.rand(ids.shape, generator=generator, device=ids.device) < _broadcast(self.kappa(sigma), ids.float())
+    def sample_noisy(self, model, ids, sigma, generator=None, batch_slice=None):
+        if self.mask_token_id is not None:
+            noise = torch.full_like(ids, self.mask_token_id)
+        else:
+            noise = draw(torch.randint, ids.shape, batch_slice, low=0, high=self.vocab_size, generator=generator, device=ids.device)
+        keep = draw(torch.rand, ids.shape, batch_slice, generator=generator, device=ids.device) < _broadcast(self.kappa(sigma), ids.float())
         return NoisyText(x=torch.where(keep, ids, noise), clean=ids, noise=noise)
 
     def loss(self, model, prediction, sample, ids, sigma):

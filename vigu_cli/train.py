@@ -1,0 +1,342 @@
+"""`vigu train`: every stage (base | recall | refine) in one Accelerate loop.
+
+A stage is a recipe section (`train.<stage>`), not a code path: what is trained (`full`, `text`,
+`lora`), the text target (`none`, `prompt`, `caption`), condition dropout, optimiser and schedule.
+The loop reads only the `vigu build-dataset` cache. It runs as one process, or under
+`accelerate launch -m vigu_cli train ...` / `torchrun` for many (DDP, FSDP or DeepSpeed from an
+accelerate config).
+
+Determinism: every random draw of a step (condition dropout, sigmas, noise) comes from a generator
+seeded by (seed, step) and drawn for the whole global batch, each process taking its slice; the data
+order comes from accelerate's seedable sampler. So a resumed run equals an uninterrupted one, and N
+processes equal one process with N times the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader
+
+from .core.convert import load_pipeline, pipeline_from_recipe, save_folder, vigu_from_wan
+from .core.components import build_wan_pipeline
+from .core.objective import unified_objective
+from .data.cache import CachedVideoTextDataset, check_compatible, collate
+from .data.manifest import MANIFEST, read_lines
+from .data.video_io import write_video
+from .data.cache import is_validation
+from .errors import VigUError
+from .evaluate import caption_accuracy, generation_accuracy
+from .data import world
+from .recipe import Recipe, StageSection
+
+STAGES = ("base", "recall", "refine")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Folders and the starting model
+# ----------------------------------------------------------------------------------------------------
+
+
+def output_root(recipe: Recipe) -> Path:
+    return Path(recipe.train.output_dir or f"runs/{recipe.name}")
+
+
+def stage_dir(recipe: Recipe, stage: str) -> Path:
+    return output_root(recipe) / stage
+
+
+def dataset_dir(recipe: Recipe) -> Path:
+    return Path(recipe.train.dataset or recipe.data.out or f"runs/{recipe.name}/data")
+
+
+def initial_pipeline(recipe: Recipe, stage: str):
+    """The model a stage starts from (`train.<stage>.init`)."""
+    init = getattr(recipe.train, stage).init
+    if init == "fresh":
+        return vigu_from_wan(build_wan_pipeline(recipe, seed=0), recipe)
+    if init == "base":
+        return pipeline_from_recipe(recipe)
+    if init == "previous":
+        previous = STAGES[STAGES.index(stage) - 1] if stage != STAGES[0] else None
+        path = stage_dir(recipe, previous) / "model" if previous else None
+        if path is None or not path.is_dir():
+            raise VigUError(
+                f"stage {stage} starts from the previous stage's model, but {path} does not exist: "
+                f"run `vigu train --stage {previous}` first, or set train.{stage}.init=base"
+            )
+        return load_pipeline(path, recipe)
+    return load_pipeline(init, recipe)
+
+
+def configure_trainable(model, stage: StageSection) -> list[torch.nn.Parameter]:
+    """Set `requires_grad` as the stage says; return the trained parameters."""
+    text = set(model.text_parameter_names())
+    if stage.trainable == "lora":
+        from peft import LoraConfig
+
+        model.add_adapter(
+            LoraConfig(r=stage.lora_rank, lora_alpha=stage.lora_alpha, target_modules=stage.lora_targets, init_lora_weights=True)
+        )
+    for name, param in model.named_parameters():
+        if stage.trainable == "full":
+            param.requires_grad_(stage.text_target != "none" or name not in text)
+        elif stage.trainable == "text":
+            param.requires_grad_(name in text)
+        else:
+            param.requires_grad_("lora_" in name or name in text)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise VigUError(f"nothing to train: trainable={stage.trainable} with text_target={stage.text_target}")
+    return params
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints (`step-NNNNNNNN`, holding `trainer_state.json`), oldest first."""
+    folder = root / "checkpoints"
+    found = [p for p in folder.glob("step-*") if (p / "trainer_state.json").is_file()] if folder.is_dir() else []
+    return sorted(found)
+
+
+def save_checkpoint(accelerator: Accelerator, root: Path, step: int, keep: int) -> Path:
+    """`save_state` into a temporary folder, then rename: a kill never leaves a half checkpoint."""
+    final = root / "checkpoints" / f"step-{step:08d}"
+    tmp = root / "checkpoints" / f".tmp-step-{step:08d}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+        os.replace(tmp, final)
+        for old in checkpoints(root)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metric lines up to `step` (a resumed run rewrites what came after its checkpoint)."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in lines))
+        os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One step's randomness, drawn for the global batch
+# ----------------------------------------------------------------------------------------------------
+
+
+def step_generator(seed: int, step: int, micro: int, device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step * 1_009 + micro)
+
+
+def drop_condition(embeds: torch.Tensor, empty: torch.Tensor, p: float, generator, start: int, total: int) -> torch.Tensor:
+    """Replace each sample's prompt embeddings by the empty prompt's with probability p."""
+    drop = (torch.rand(total, generator=generator, device=embeds.device) < p)[start : start + embeds.shape[0]]
+    return torch.where(drop[:, None, None], empty.to(embeds.dtype).expand_as(embeds), embeds)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------
+
+
+def mixed_precision(stage: StageSection) -> str:
+    if stage.mixed_precision != "auto":
+        return stage.mixed_precision
+    return "bf16" if torch.cuda.is_available() else "no"
+
+
+def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
+    """Run one stage; return the folder of its final model."""
+    if stage_name not in STAGES:
+        raise VigUError(f"unknown stage '{stage_name}': use one of {', '.join(STAGES)}")
+    stage: StageSection = getattr(recipe.train, stage_name)
+    root, data = stage_dir(recipe, stage_name), dataset_dir(recipe)
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision(stage),
+        gradient_accumulation_steps=stage.grad_accum,
+        cpu=not torch.cuda.is_available(),
+        log_with=None if recipe.train.report_to == "none" else recipe.train.report_to,
+        project_dir=str(root),
+        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
+    )
+    found = checkpoints(root)
+    if accelerator.is_main_process and not resume and (found or (root / "model").exists()):
+        raise VigUError(f"{root} already holds a run: pass --resume to continue it, or remove the folder")
+    set_seed(stage.seed)
+
+    pipe = initial_pipeline(recipe, stage_name)
+    check_compatible(data, pipe)
+    model = pipe.transformer.train()
+    trained = configure_trainable(model, stage)
+    if stage.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+
+    dataset = CachedVideoTextDataset(data, split="train")
+    global_batch = stage.batch_size * accelerator.num_processes
+    if len(dataset) < global_batch:
+        raise VigUError(f"the dataset in {data} has {len(dataset)} training items, fewer than one batch ({global_batch})")
+    loader = DataLoader(dataset, batch_size=global_batch, shuffle=True, drop_last=True, collate_fn=collate)
+    optimizer = torch.optim.AdamW(trained, lr=stage.learning_rate, betas=tuple(stage.betas), weight_decay=stage.weight_decay)
+    scheduler = get_scheduler(
+        stage.lr_scheduler, optimizer, num_warmup_steps=stage.warmup_steps * accelerator.num_processes,
+        num_training_steps=stage.max_steps * accelerator.num_processes,
+    )
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    core = accelerator.unwrap_model(model)
+    text_flow = pipe.text_flow
+    empty = dataset.empty_prompt_embeds.to(accelerator.device)
+
+    step = 0
+    metrics_path = root / "metrics.jsonl"
+    if resume and found:
+        accelerator.load_state(str(found[-1]))
+        step = json.loads((found[-1] / "trainer_state.json").read_text())["step"]
+        if accelerator.is_main_process:
+            truncate_metrics(metrics_path, step)
+    root.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        (root / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1))
+    accelerator.init_trackers(f"vigu-{recipe.name}-{stage_name}")
+
+    batches_per_epoch = len(loader) // stage.grad_accum
+    rank_start = accelerator.process_index * stage.batch_size
+    progress = Progress(
+        TextColumn(f"[bold]{stage_name}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(), disable=not accelerator.is_main_process,
+    )
+    with progress:
+        task = progress.add_task(stage_name, total=stage.max_steps, completed=step, info="")
+        while step < stage.max_steps:
+            epoch, skip = divmod(step, batches_per_epoch)
+            loader.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(loader, skip * stage.grad_accum) if skip else loader
+            for micro, batch in enumerate(batches):
+                started = time.perf_counter()
+                generator = step_generator(stage.seed, step, micro % stage.grad_accum, accelerator.device)
+                cond = drop_condition(batch["prompt_embeds"], empty, stage.cond_dropout, generator, rank_start, global_batch)
+                ids = None if stage.text_target == "none" else batch[f"{stage.text_target}_ids"]
+                with accelerator.accumulate(model), accelerator.autocast():
+                    loss, parts = unified_objective(
+                        model, text_flow, recipe.flow, batch["latents"].float(), ids, cond, generator, core=core,
+                        batch_slice=(rank_start, global_batch),
+                    )
+                    if not torch.isfinite(loss):
+                        last = checkpoints(root)
+                        raise VigUError(
+                            f"loss is {float(loss)} at step {step + 1}; last good checkpoint: "
+                            f"{last[-1] if last else 'none (nothing saved yet)'}: lower train.{stage_name}.learning_rate "
+                            "and resume with --resume"
+                        )
+                    accelerator.backward(loss)
+                    grad_norm = accelerator.clip_grad_norm_(trained, stage.max_grad_norm) if accelerator.sync_gradients else None
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                seconds = time.perf_counter() - started
+                record = log_step(accelerator, parts, grad_norm, scheduler, step, seconds, batch, ids, global_batch)
+                if accelerator.is_main_process and (step % stage.log_every == 0 or step == stage.max_steps):
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    accelerator.log(record, step=step)
+                progress.update(task, completed=step, info=f"loss {record['loss']:.4f}  {record['tokens_per_s']:.0f} tok/s")
+                if stage.validate_every and step % stage.validate_every == 0 and step < stage.max_steps:
+                    validate(accelerator, pipe, core, recipe, stage, data, root, step)
+                if step % stage.checkpoint_every == 0 or step == stage.max_steps:
+                    save_checkpoint(accelerator, root, step, stage.keep_checkpoints)
+                if step >= stage.max_steps:
+                    break
+
+    validate(accelerator, pipe, core, recipe, stage, data, root, step)
+    if accelerator.is_main_process:
+        final = core
+        if stage.trainable == "lora":
+            final.fuse_lora()
+            final.unload_lora()
+        pipe.transformer = final.eval()
+        pipe.register_modules(transformer=final)
+        save_folder(pipe, root / "model")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return root / "model"
+
+
+def log_step(accelerator, parts, grad_norm, scheduler, step, seconds, batch, ids, global_batch) -> dict:
+    """The step's metrics, averaged over processes."""
+    values = torch.tensor([parts.get(k, float("nan")) for k in ("loss", "loss_video", "loss_text")], device=accelerator.device)
+    values = accelerator.reduce(values, reduction="mean").tolist()
+    latents = batch["latents"]
+    tokens = global_batch * (math.prod(latents.shape[2:]) + (ids.shape[1] if ids is not None else 0))
+    record = {"step": step, "loss": values[0], "loss_video": values[1], "loss_text": values[2] if ids is not None else None,
+              "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else None,
+              "seconds_per_step": seconds, "tokens_per_s": tokens / max(seconds, 1e-9)}
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation on held-out items
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def validate(accelerator, pipe, core, recipe: Recipe, stage: StageSection, data: Path, root: Path, step: int) -> None:
+    """Caption and generate held-out items, score them with the world's judge, save a few samples."""
+    if accelerator.is_main_process and stage.val_items:
+        was_training = core.training
+        core.eval()
+        pipe.transformer = core
+        info = json.loads((data / "dataset.json").read_text())
+        held_out = [
+            line for line in read_lines(data / MANIFEST)
+            if line.status == "ok" and is_validation(line.index, info["split"]["val_every"])
+        ][: stage.val_items]
+        dataset = CachedVideoTextDataset(data, split="val")
+        by_id = {item_id: i for i, (item_id, _) in enumerate(dataset.items)}
+        latents = torch.stack([dataset[by_id[line.id]]["latents"] for line in held_out]).float()
+        clips = pipe.decode_latents(latents.to(accelerator.device))
+        generator = torch.Generator(device=accelerator.device).manual_seed(stage.seed)
+        record = {"step": step}
+        if stage.text_target != "none":
+            texts = pipe.caption(clips, generator=generator, steps=stage.val_steps).texts
+            truth = [world.parse_caption(line.caption) for line in held_out]
+            record["caption"] = caption_accuracy(texts, truth)
+        prompts = [line.prompt for line in held_out]
+        text_stream = "none" if stage.text_target == "none" else None
+        videos = pipe.generate(prompts, generator=generator, steps=stage.val_steps, text_stream=text_stream).videos
+        record["generation"] = generation_accuracy(videos, prompts)
+        samples = root / "samples" / f"step-{step:08d}"
+        samples.mkdir(parents=True, exist_ok=True)
+        for i in range(min(4, len(held_out))):
+            write_video(samples / f"{i}-generated.mp4", videos[i], pipe.config.fps)
+            text = f"prompt: {prompts[i]}\n" + (f"caption: {texts[i]}\n" if "caption" in record else "")
+            (samples / f"{i}.txt").write_text(text)
+        with (root / "validation.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        accelerator.print(json.dumps(record))
+        core.train(was_training)
+    accelerator.wait_for_everyone()

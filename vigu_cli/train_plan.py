@@ -1,0 +1,139 @@
+"""`vigu train --dry-run`: parameters and an estimate of memory per GPU, before anything is loaded.
+
+The model is built on the meta device from the recipe's architecture (no memory, no weights), so the
+14B plan prints in seconds on a laptop. Memory per GPU, for fp32 parameters trained under bf16
+autocast with AdamW (the official release's set-up):
+- weights 4 B/param, gradients 4 B/trainable param, optimizer 8 B/trainable param (two fp32 moments);
+  FSDP shards all three, DeepSpeed ZeRO-2 gradients and optimizer states, ZeRO-3 all three;
+- activations, bf16, per sample and layer ~ tokens x (16 d + 2 ffn) x 2 B without gradient
+  checkpointing (attention through SDPA/flash keeps no tokens^2 matrix), or tokens x d x 2 B per
+  layer plus one layer's full activations with it.
+It is an estimate (allocator fragmentation, CUDA context ~1 GB and temporary buffers come on top); the
+point is to see an out-of-memory coming before it happens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from .core.model import UniViGUTransformer
+from .errors import VigUError
+from .recipe import Recipe
+
+GIB = 1024**3
+
+
+@dataclass
+class Plan:
+    total_params: int
+    trainable_params: int
+    processes: int
+    sharding: str
+    video_tokens: int
+    text_tokens: int
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+def read_accelerate_config(path: str | Path | None) -> tuple[int, str]:
+    """(processes, sharding) of an accelerate config file: sharding is none, fsdp, zero2 or zero3."""
+    if path is None:
+        return 1, "none"
+    path = Path(path)
+    if not path.is_file():
+        raise VigUError(f"accelerate config {path} not found: give a file such as recipes/accelerate/8xh800-fsdp.yaml")
+    config = yaml.safe_load(path.read_text()) or {}
+    kind = str(config.get("distributed_type", "NO")).upper()
+    sharding = {"FSDP": "fsdp", "DEEPSPEED": f"zero{config.get('deepspeed_config', {}).get('zero_stage', 2)}"}.get(kind, "none")
+    return int(config.get("num_processes", 1)), sharding
+
+
+def transformer_on_meta(recipe: Recipe, vocab_size: int) -> UniViGUTransformer:
+    text = recipe.text
+    with torch.device("meta"):
+        return UniViGUTransformer(
+            **vars(recipe.model.transformer),
+            text_formulation=text.formulation,
+            text_vocab_size=vocab_size,
+            text_latent_dim=text.latent_dim,
+            text_ffn_dim=text.ffn_text_dim or None,
+            text_max_length=text.max_length,
+        )
+
+
+def latent_factors(recipe: Recipe) -> tuple[int, int]:
+    vae = recipe.model.vae
+    return (vae.temporal_fold, vae.spatial_fold) if vae.kind == "world" else (4, 8)
+
+
+def plan(recipe: Recipe, stage_name: str, accelerate_config: str | Path | None = None, vocab_size: int | None = None) -> Plan:
+    stage = getattr(recipe.train, stage_name)
+    vocab = vocab_size or (50 if recipe.text.tokenizer == "world" else 256_300)  # umT5: 256,000 pieces + 300 extra ids
+    model = transformer_on_meta(recipe, vocab)
+    text_names = set(model.text_parameter_names())
+    params = dict(model.named_parameters())
+    total = sum(p.numel() for p in params.values())
+    text_params = sum(p.numel() for n, p in params.items() if n in text_names)
+    arch = recipe.model.transformer
+    dim = arch.num_attention_heads * arch.attention_head_dim
+    if stage.trainable == "full":
+        trainable = total if stage.text_target != "none" else total - text_params
+    elif stage.trainable == "text":
+        trainable = text_params
+    else:  # LoRA on the listed projections of every block, plus the new text parameters
+        per_block = sum(stage.lora_rank * (dim + dim) for _ in stage.lora_targets)
+        trainable = per_block * arch.num_layers + text_params
+        total += per_block * arch.num_layers
+
+    processes, sharding = read_accelerate_config(accelerate_config)
+    shard_all = sharding in ("fsdp", "zero3")
+    shard_states = sharding != "none"
+    t, s = latent_factors(recipe)
+    p_t, p_h, p_w = arch.patch_size
+    m = recipe.model
+    video_tokens = (1 + (m.num_frames - 1) // t) // p_t * (m.height // s // p_h) * (m.width // s // p_w)
+    text_tokens = recipe.text.max_length if stage.text_target != "none" else 0
+    tokens = video_tokens + text_tokens
+    per_layer = tokens * (16 * dim + 2 * arch.ffn_dim) * 2
+    if stage.gradient_checkpointing:
+        activations = tokens * dim * 2 * arch.num_layers + per_layer
+    else:
+        activations = per_layer * arch.num_layers
+    return Plan(
+        total_params=total,
+        trainable_params=trainable,
+        processes=processes,
+        sharding=sharding,
+        video_tokens=video_tokens,
+        text_tokens=text_tokens,
+        weights=4 * total / (processes if shard_all else 1) / GIB,
+        gradients=4 * trainable / (processes if shard_states else 1) / GIB,
+        optimizer=8 * trainable / (processes if shard_states else 1) / GIB,
+        activations=stage.batch_size * activations / GIB,
+    )
+
+
+def describe(p: Plan) -> list[tuple[str, str]]:
+    """Rows for a table: what, value."""
+    return [
+        ("parameters", f"{p.total_params / 1e6:,.1f} M"),
+        ("trainable", f"{p.trainable_params / 1e6:,.1f} M ({100 * p.trainable_params / p.total_params:.1f}%)"),
+        ("processes / sharding", f"{p.processes} / {p.sharding}"),
+        ("tokens per sample", f"{p.video_tokens:,} video + {p.text_tokens:,} text"),
+        ("weights per GPU", f"{p.weights:.2f} GiB"),
+        ("gradients per GPU", f"{p.gradients:.2f} GiB"),
+        ("optimizer per GPU", f"{p.optimizer:.2f} GiB"),
+        ("activations per GPU", f"{p.activations:.2f} GiB"),
+        ("total per GPU (estimate)", f"{p.total:.2f} GiB"),
+    ]
+
