@@ -1,0 +1,188 @@
+"""`vigu train` on a tiny world dataset: resume after kill -9, two processes, trainable sets, stages, NaN."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_recipe
+from vigu_cli.build_dataset import build_dataset
+from vigu_cli.core.pipeline import UniViGUPipeline
+from vigu_cli.errors import VigUError
+from vigu_cli.train import checkpoints, configure_trainable, drop_condition, train
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ["train.recall.max_steps=12", "train.recall.batch_size=4", "train.recall.checkpoint_every=4",
+         "train.recall.log_every=1", "train.recall.val_items=0", "train.recall.warmup_steps=2",
+         "train.recall.learning_rate=1e-3", "train.recall.init=fresh", "train.recall.keep_checkpoints=2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A tiny world dataset (40 clips, 16x16x9) built by `build_dataset`, shared by every test here."""
+    out = tmp_path_factory.mktemp("data")
+    build_dataset(tiny_recipe(f"data.out={out}", "data.num_items=40", "data.shard_size=20", "data.val_every=10",
+                              "data.keep_videos=false"))
+    return out
+
+
+def recipe_for(data, out, *extra):
+    return tiny_recipe(f"train.dataset={data}", f"train.output_dir={out}", *STEPS, *extra)
+
+
+def overrides_for(data, out, *extra):
+    return [arg for o in ["model.height=16", "model.width=16", "model.num_frames=9", "model.vae.spatial_fold=2",
+                          "model.transformer.in_channels=48", "model.transformer.out_channels=48",
+                          "model.transformer.num_attention_heads=2", "model.transformer.attention_head_dim=32",
+                          "model.transformer.ffn_dim=128", "model.transformer.num_layers=2", "text.max_length=32",
+                          "text.latent_dim=16", f"train.dataset={data}", f"train.output_dir={out}", *STEPS, *extra]
+            for arg in ("--set", o)]
+
+
+def metrics(path):
+    keep = ("step", "loss", "loss_video", "loss_text", "lr", "grad_norm")
+    return [{k: v for k, v in json.loads(line).items() if k in keep} for line in path.read_text().splitlines()]
+
+
+def weights(folder):
+    return load_file(folder / "model" / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+def vigu_train(*args, env=None):
+    return subprocess.Popen([sys.executable, "-m", "vigu_cli", "train", "--stage", "recall", *args],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_data, tmp_path):
+    """Must show 1: bit-exact final weights and metrics after kill -9 + --resume."""
+    straight = train(recipe_for(tiny_data, tmp_path / "straight"), "recall")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = vigu_train(*overrides_for(tiny_data, tmp_path / "killed"), env=env)
+    ckpt = tmp_path / "killed" / "recall" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpt.is_dir() and any(p.name.startswith("step-") for p in ckpt.iterdir())):
+        time.sleep(0.05)
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    assert not (tmp_path / "killed" / "recall" / "model").exists()  # killed before the end
+    resumed = vigu_train(*overrides_for(tiny_data, tmp_path / "killed"), "--resume", env=env)
+    assert resumed.wait() == 0, resumed.stderr.read()
+    for name, tensor in weights(straight.parent).items():
+        assert torch.equal(tensor, weights(tmp_path / "killed" / "recall")[name]), name
+    assert metrics(straight.parent / "metrics.jsonl") == metrics(tmp_path / "killed" / "recall" / "metrics.jsonl")
+    assert [p.name for p in checkpoints(tmp_path / "killed" / "recall")] == ["step-00000008", "step-00000012"]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_twice_the_batch(tiny_data, tmp_path):
+    """Must show 2: torchrun x2 (gloo) == one process with the doubled batch; one checkpoint folder."""
+    one = train(recipe_for(tiny_data, tmp_path / "one", "train.recall.batch_size=8"), "recall")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "vigu_cli", "train",
+         "--stage", "recall", *overrides_for(tiny_data, tmp_path / "two", "train.recall.batch_size=4")],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = metrics(one.parent / "metrics.jsonl"), metrics(tmp_path / "two" / "recall" / "metrics.jsonl")
+    assert [m["step"] for m in a] == [m["step"] for m in b]
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= 1e-4 * max(1.0, abs(x["loss"])), (x, y)
+    for name, tensor in weights(one.parent).items():
+        assert torch.allclose(tensor, weights(tmp_path / "two" / "recall")[name], atol=1e-4), name
+    assert len(checkpoints(tmp_path / "two" / "recall")) == 2
+
+
+def test_trainable_text_changes_no_video_parameter(tiny_data, tmp_path):
+    """Must show 3a."""
+    out = train(recipe_for(tiny_data, tmp_path, "train.recall.trainable=text", "train.recall.max_steps=3"), "recall")
+    trained = UniViGUPipeline.from_pretrained(out, local_files_only=True).transformer
+    from vigu_cli.train import initial_pipeline
+
+    start = initial_pipeline(recipe_for(tiny_data, tmp_path), "recall").transformer
+    text = set(start.text_parameter_names())
+    after = dict(trained.named_parameters())
+    changed = {n for n, p in start.named_parameters() if not torch.equal(p, after[n])}
+    assert changed and changed <= text
+    assert any(".ffn_text." in n for n in changed)
+
+
+def test_lora_trains_only_adapters_and_merges_back(tiny_data, tmp_path):
+    """Must show 3b: LoRA (peft) on the shared attention; only adapter and text weights train; merged folder."""
+    recipe = recipe_for(tiny_data, tmp_path, "train.recall.trainable=lora", "train.recall.max_steps=3",
+                        "train.recall.lora_rank=4")
+    from vigu_cli.train import initial_pipeline
+
+    model = initial_pipeline(recipe, "recall").transformer
+    trained = configure_trainable(model, recipe.train.recall)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert len(trained) == len(names) and any("lora_A" in n for n in names)
+    assert all("lora_" in n or n in set(model.text_parameter_names()) for n in names)
+    assert not any(".attn1.to_q.base_layer" in n for n in names)
+
+    out = train(recipe, "recall")
+    merged = UniViGUPipeline.from_pretrained(out, local_files_only=True).transformer
+    keys = set(merged.state_dict())
+    assert not any("lora" in k for k in keys) and "blocks.0.attn1.to_q.weight" in keys
+    start = initial_pipeline(recipe, "recall").transformer
+    assert not torch.equal(merged.blocks[0].attn1.to_q.weight, start.blocks[0].attn1.to_q.weight)  # merged in
+    assert torch.equal(merged.blocks[0].ffn.net[2].weight, start.blocks[0].ffn.net[2].weight)  # video FFN frozen
+
+
+def test_stage_semantics_targets_and_condition_dropout(tiny_data, monkeypatch, tmp_path):
+    """Must show 4: recall learns the prompt with the condition dropped at its rate; refine the caption."""
+    seen = []
+    import vigu_cli.train as train_module
+
+    real = train_module.unified_objective
+
+    def spy(model, text_flow, cfg, latents, ids, cond, generator, core=None, batch_slice=None):
+        seen.append((ids.clone(), cond.clone()))
+        return real(model, text_flow, cfg, latents, ids, cond, generator, core=core, batch_slice=batch_slice)
+
+    monkeypatch.setattr(train_module, "unified_objective", spy)
+    recall = recipe_for(tiny_data, tmp_path / "a", "train.recall.max_steps=2")
+    train(recall, "recall")
+    from vigu_cli.data.cache import CachedVideoTextDataset
+
+    dataset = CachedVideoTextDataset(tiny_data, "train")
+    prompts = {tuple(dataset[i]["prompt_ids"].tolist()) for i in range(len(dataset))}
+    captions = {tuple(dataset[i]["caption_ids"].tolist()) for i in range(len(dataset))}
+    assert all(tuple(row.tolist()) in prompts for ids, _ in seen for row in ids)
+    seen.clear()
+    refine = recipe_for(tiny_data, tmp_path / "b", "train.refine.max_steps=2", "train.refine.batch_size=4",
+                        "train.refine.val_items=0", "train.refine.init=fresh")
+    train(refine, "refine")
+    assert all(tuple(row.tolist()) in captions for ids, _ in seen for row in ids)
+
+    embeds, empty = torch.randn(4000, 3, 2), torch.zeros(3, 2)
+    generator = torch.Generator().manual_seed(0)
+    dropped = drop_condition(embeds, empty, 0.3, generator, 0, 4000)
+    rate = float((dropped.abs().sum((1, 2)) == 0).float().mean())
+    assert abs(rate - 0.3) < 0.03
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_the_checkpoint(tiny_data, tmp_path):
+    recipe = recipe_for(tiny_data, tmp_path, "train.recall.learning_rate=1e30", "train.recall.max_grad_norm=1e30",
+                        "train.recall.warmup_steps=0", "train.recall.checkpoint_every=1")
+    with pytest.raises(VigUError) as info:
+        train(recipe, "recall")
+    message = str(info.value)
+    assert "loss is nan" in message or "loss is inf" in message
+    assert "last good checkpoint" in message and "\n" not in message
+    saved = checkpoints(tmp_path / "recall")
+    assert saved and all((p / "trainer_state.json").is_file() for p in saved)
+    assert not (tmp_path / "recall" / "model").exists()
+
+
+def test_existing_run_without_resume_is_refused(tiny_data, tmp_path):
+    train(recipe_for(tiny_data, tmp_path, "train.recall.max_steps=1"), "recall")
+    with pytest.raises(VigUError, match="pass --resume"):
+        train(recipe_for(tiny_data, tmp_path, "train.recall.max_steps=1"), "recall")
