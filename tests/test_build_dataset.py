@@ -17,7 +17,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from conftest import TINY, TINY_WAN_VAE, tiny_recipe
+from conftest import TINY_WAN_VAE, tiny_recipe
 from test_captioners import TIMEOUT, FakeChatServer, free_closed_port, no_proxies, tiny_vlm  # noqa: F401 (fixtures)
 from vigu_cli import cli
 from vigu_cli.build_dataset import build_dataset, summary_table
@@ -272,7 +272,8 @@ def test_openai_captioner_in_a_build_loses_nothing_and_a_rerun_retries_only_serv
         assert (lines[name].caption is not None) == (status == "ok")
     assert lines["clip-04"].attempts == 2 and lines["clip-08"].attempts == 2 and lines["clip-08"].caption_tokens == 24
     info = json.loads((out / "dataset.json").read_text())
-    assert info["pending"] == 3 and info["reasons"] == {"http_500": 1, "malformed_reply": 1, "timeout": 1, "too_long": 1}
+    assert info["pending"] == 3
+    assert info["reasons"] == {"http_500": 1, "malformed_reply": 1, "timeout": 1, "too_long": 1}
     cached = {key.split("/")[0] for shard in (out / "shards").glob("*.safetensors") for key in load_file(shard)}
     assert cached == {name for name, (_, status, _) in SCRIPTS.items() if status == "ok"}
 
@@ -345,7 +346,8 @@ def test_wan_generator_with_a_tiny_stock_folder(tiny_wan_vae_dir, tmp_path):
     report = build_dataset(recipe)
     assert [line.status for line in report.lines] == ["ok"] * 3
     dataset = CachedVideoTextDataset(tmp_path, "all")
-    assert dataset[0]["latents"].shape == (16, 3, 4, 4) and read_video(tmp_path / "videos" / "000002.mp4").shape == (9, 32, 32, 3)
+    assert dataset[0]["latents"].shape == (16, 3, 4, 4)
+    assert read_video(tmp_path / "videos" / "000002.mp4").shape == (9, 32, 32, 3)
 
     # item 2 (alone in its batch) is WanPipeline's video for its prompt and its own seed, encoded
     from diffusers import WanPipeline
@@ -411,7 +413,8 @@ def test_a_folder_that_is_not_a_dataset_is_refused(tmp_path):
 
 def test_retryable_reasons_are_the_service_failures():
     assert all(map(is_retryable, ["timeout", "http_503", "http_429", "endpoint_unreachable", "malformed_reply"]))
-    assert not any(map(is_retryable, ["too_long", "too_short", "http_400", "prompt_too_long", "unreadable_video", None]))
+    final = ["too_long", "too_short", "http_400", "prompt_too_long", "unreadable_video", None]
+    assert not any(map(is_retryable, final))
 
 
 def test_padding_round_trip_is_exact():

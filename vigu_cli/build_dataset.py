@@ -36,8 +36,8 @@ from rich.table import Table
 from rich.text import Text
 
 from .core.convert import load_pipeline, pipeline_from_recipe
-from .data.cache import (FORMAT, VERSION, cache_settings, common_tensors, item_tensors, load_tensors, model_identity,
-                         read_info, save_tensors, tensor_key, tensor_keys)
+from .data.cache import (FORMAT, TENSORS, VERSION, cache_settings, common_tensors, item_tensors, load_tensors,
+                         model_identity, read_info, save_tensors, tensor_key, tensor_keys)
 from .data.manifest import (COMMON, INFO, SHARDS, VIDEOS, ItemLine, is_validation, merge_manifest, read_lines,
                             remove_temporary_files, shard_name, shard_paths, shard_ranges, shards_of_rank,
                             write_json, write_lines)
@@ -50,7 +50,6 @@ from .synth.prompts import PlannedItem, plan_items
 
 log = logging.getLogger(__name__)
 
-TENSORS = ("latents", "prompt_embeds", "prompt_ids", "caption_ids")
 # Captioner settings that change how results arrive, not what they are: free to change between runs.
 CAPTIONER_TRANSPORT = ("base_url", "api_key_env", "concurrency", "timeout_s", "max_retries", "backoff_s", "device")
 
@@ -81,32 +80,37 @@ def build_dataset(recipe: Recipe, *, overwrite: bool = False, console: Console |
     state = PartialState(cpu=not torch.cuda.is_available())
     root = dataset_dir(recipe)
     plan = plan_items(data, recipe.model)
+    check_existing(root, {"settings": content_settings(recipe, state.device)}, overwrite)  # before loading models
     with _reporting(console):
         pipe = encoding_pipeline(recipe, state.device)
-        info = start_info(recipe, pipe)
+        info = start_info(recipe, pipe, state.device)
         check_existing(root, info, overwrite)
         state.wait_for_everyone()
         if state.is_main_process:
             prepare_folder(root, info, pipe, overwrite)
         state.wait_for_everyone()
 
-        shards = shard_ranges(len(plan), data.shard_size)
+        shards = [[plan[i] for i in indices] for indices in shard_ranges(len(plan), data.shard_size)]
         mine = shards_of_rank(len(shards), state.process_index, state.num_processes)
-        builder = ShardBuilder(root, recipe, pipe, state)
-        todo = {k: builder.reusable(k, [plan[i] for i in shards[k]]) for k in mine}
-        todo = {k: kept for k, kept in todo.items() if kept is not None}
+        todo = {k: kept for k in mine if (kept := reusable(root, k, shards[k])) is not None}
         if console is not None and state.num_processes > 1:
             listed = ", ".join(map(str, mine[:4])) + (", ..." if len(mine) > 4 else "")
             console.print(f"rank {state.process_index} of {state.num_processes}: shards {listed} "
                           f"({len(mine)} in all, {len(todo)} to build)")
         made = 0
-        with StageProgress(console if state.is_local_main_process else None, len(shards), len(mine) - len(todo),
-                           sum(len(shards[k]) - len(kept) for k, kept in todo.items())) as progress:
-            builder.progress = progress
-            for k, kept in todo.items():
-                made += builder.build(k, [plan[i] for i in shards[k]], kept)
-                if builder.captioner.error:  # the shard is written; nothing more can be captioned
-                    raise builder.captioner.error
+        if todo:  # load the generator and the captioner only when there is something to make
+            items = sum(len(shards[k]) - len(kept) for k, kept in todo.items())
+            shown = console if state.is_local_main_process else None
+            if shown:
+                shown.print(f"{len(shards)} shard(s), {len(mine) - len(todo)} of this process's done before: "
+                            f"making {items} item(s)")
+            progress = StageProgress(shown, items)
+            builder = ShardBuilder(root, recipe, pipe, state, progress)
+            with progress:
+                for k, kept in todo.items():
+                    made += builder.build(k, shards[k], kept)
+                    if builder.captioner.error:  # the shard is written; nothing more can be captioned
+                        raise builder.captioner.error
         state.wait_for_everyone()
         made, done_before = sum(gather_object([made])), sum(gather_object([len(mine) - len(todo)]))
         lines = finish(root, info, len(shards), data.val_every) if state.is_main_process else []
@@ -141,12 +145,14 @@ def check_settings(recipe: Recipe) -> None:
     for key, top in (("data.max_prompt_tokens", data.max_prompt_tokens),
                      ("data.captioner.max_caption_tokens", data.captioner.max_caption_tokens)):
         if top >= length:
-            raise VigUError(f"{key}={top} leaves no room for EOS in text.max_length={length}: set it to at most {length - 1}")
+            raise VigUError(f"{key}={top} leaves no room for EOS in text.max_length={length}: "
+                            f"set it to at most {length - 1}")
     if not 0 <= data.min_prompt_tokens <= data.max_prompt_tokens:
         raise VigUError(f"need 0 <= data.min_prompt_tokens <= data.max_prompt_tokens, got {data.min_prompt_tokens} "
                         f"and {data.max_prompt_tokens}")
     for key, value, least in (("data.shard_size", data.shard_size, 1), ("data.num_items", data.num_items, 0),
-                              ("data.val_every", data.val_every, 0), ("data.generator.batch_size", data.generator.batch_size, 1)):
+                              ("data.val_every", data.val_every, 0),
+                              ("data.generator.batch_size", data.generator.batch_size, 1)):
         if value < least:
             raise VigUError(f"{key} must be at least {least}, got {value}")
     if data.keep_videos and (recipe.model.height % 2 or recipe.model.width % 2):
@@ -182,24 +188,27 @@ def encoding_pipeline(recipe: Recipe, device: torch.device):
     return pipe
 
 
-def content_settings(recipe: Recipe) -> dict:
-    """The settings that decide what the items are (not how fast or where from they arrive)."""
+def content_settings(recipe: Recipe, device: torch.device) -> dict:
+    """The settings that decide what the items are (not how fast or from where they arrive); `auto`
+    dtypes as resolved on `device`."""
     data = dataclasses.asdict(recipe.data)
     for key in ("out", "num_items", "val_every"):
         del data[key]
     for key in CAPTIONER_TRANSPORT:
         del data["captioner"][key]
+    for section, key in ((data, "text_encoder_dtype"), (data["generator"], "dtype")):
+        section[key] = str(resolve_dtype(section[key], device)).removeprefix("torch.")
     return {"model.fps": recipe.model.fps, "data": data}
 
 
-def start_info(recipe: Recipe, pipe) -> dict:
+def start_info(recipe: Recipe, pipe, device: torch.device) -> dict:
     """`dataset.json` as written before any shard: what the cache is and what made it."""
     model, vae = recipe.model, pipe.vae.config
     latent_shape = [vae.z_dim, 1 + (model.num_frames - 1) // pipe.vae_scale_factor_temporal,
                     model.height // pipe.vae_scale_factor_spatial, model.width // pipe.vae_scale_factor_spatial]
     return {
         "format": FORMAT, "version": VERSION, "complete": False, "recipe": recipe.name,
-        "settings": content_settings(recipe),
+        "settings": content_settings(recipe, device),
         "model": model_identity(pipe),
         "cache": {
             **cache_settings(pipe), "fps": model.fps, "latent_shape": latent_shape,
@@ -222,7 +231,8 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def check_existing(root: Path, info: dict, overwrite: bool) -> None:
-    """Refuse a folder holding something else, or (without `overwrite`) a dataset made another way."""
+    """Refuse a folder holding something else, or (without `overwrite`) a dataset made another way:
+    the sections of `info` given (`settings`, `model`, `cache`) must match its `dataset.json`."""
     if not root.exists() or (root.is_dir() and not any(root.iterdir())):
         return
     if not (root / INFO).is_file():
@@ -230,8 +240,10 @@ def check_existing(root: Path, info: dict, overwrite: bool) -> None:
     old = read_info(root)
     if overwrite:
         return
-    mine, theirs = ({**_flatten(source["settings"]), **_flatten(source["model"], "fingerprint of the "),
-                     **_flatten(source["cache"], "cache.")} for source in (info, old))
+    labels = {section: label for section, label in
+              (("settings", ""), ("model", "fingerprint of the "), ("cache", "cache.")) if section in info}
+    mine, theirs = ({key: value for section, label in labels.items()
+                     for key, value in _flatten(source[section], label).items()} for source in (info, old))
     changed = [f"{key}: {_short(theirs.get(key))} -> {_short(mine.get(key))}"
                for key in sorted(set(mine) | set(theirs)) if mine.get(key) != theirs.get(key)]
     if changed:
@@ -282,93 +294,101 @@ def finish(root: Path, info: dict, num_shards: int, val_every: int) -> list[Item
 # ----------------------------------------------------------------------------------------------------
 
 
+def reusable(root: Path, k: int, items: Sequence[PlannedItem]) -> dict[str, ItemLine] | None:
+    """None when shard k is finished. Otherwise the lines of an earlier run that stand, by id: final
+    outcomes of the same items (same index and prompt), with their tensors when `ok`."""
+    tensors_path, lines_path = shard_paths(root, k)
+    previous = read_lines(lines_path) or []
+    keys = tensor_keys(tensors_path)
+    wanted = {item.id: item for item in items}
+    kept = {}
+    for line in previous:
+        item = wanted.get(line.id)
+        if item is None or (line.index, line.prompt) != (item.index, item.prompt) or not line.final:
+            continue
+        if line.status == "ok" and not (keys and all(tensor_key(line.id, name) in keys for name in TENSORS)):
+            continue
+        kept[line.id] = line
+    finished = len(kept) == len(items) == len(previous) and keys is not None
+    return None if finished else kept
+
+
 class ShardBuilder:
     """Builds shards: prompt rule -> clips -> captions -> cached tensors -> the shard's two files."""
 
-    def __init__(self, root: Path, recipe: Recipe, pipe, state: PartialState):
-        self.root, self.recipe, self.pipe = root, recipe, pipe
+    def __init__(self, root: Path, recipe: Recipe, pipe, state: PartialState, progress: StageProgress):
+        self.root, self.recipe, self.pipe, self.progress = root, recipe, pipe, progress
         data = recipe.data
         shared = {}
-        if data.generator.backend == "wan" and Path(data.generator.path or recipe.model.base).resolve() == \
-                Path(recipe.model.base).resolve():
+        if data.generator.backend == "wan" and \
+                Path(data.generator.path or recipe.model.base).resolve() == Path(recipe.model.base).resolve():
             shared = {"tokenizer": pipe.tokenizer, "text_encoder": pipe.text_encoder, "vae": pipe.vae}
         self.generator: VideoGenerator = make_generator(recipe.model, data, state.device, shared)
         config = data.captioner
         if config.device == "auto" and state.device.type == "cuda":  # each rank captions on its own GPU
             config = dataclasses.replace(config, device=str(state.device))
         self.captioner: Captioner = make_captioner(config, pipe.text_tokenizer)
-        self.progress: StageProgress | None = None
-
-    def reusable(self, k: int, items: Sequence[PlannedItem]) -> dict[str, ItemLine] | None:
-        """None when shard k is finished; else the lines of a previous run that stand (final outcomes
-        of the same items, with their tensors when ok), by id."""
-        tensors_path, lines_path = shard_paths(self.root, k)
-        previous = read_lines(lines_path) or []
-        keys = tensor_keys(tensors_path)
-        wanted = {item.id: item for item in items}
-        kept = {}
-        for line in previous:
-            item = wanted.get(line.id)
-            if item is None or (line.index, line.prompt) != (item.index, item.prompt) or not line.final:
-                continue
-            if line.status == "ok" and not (keys and all(tensor_key(line.id, name) in keys for name in TENSORS)):
-                continue
-            kept[line.id] = line
-        finished = len(kept) == len(items) == len(previous) and keys is not None
-        return None if finished else kept
 
     def build(self, k: int, items: Sequence[PlannedItem], kept: dict[str, ItemLine]) -> int:
         """Build shard k, keeping the `kept` outcomes; returns how many items were made."""
+        data, progress = self.recipe.data, self.progress
         tensors_path, lines_path = shard_paths(self.root, k)
-        shard = shard_name(k)
         lines = dict(kept)
         kept_ok = [tensor_key(i, name) for i, line in kept.items() if line.status == "ok" for name in TENSORS]
         tensors = load_tensors(tensors_path, kept_ok) if kept_ok else {}
 
-        tokens, valid = {}, []
+        def record(item: PlannedItem, status: str, **fields) -> None:
+            lines[item.id] = ItemLine(
+                id=item.id, index=item.index, status=status, prompt=item.prompt, source=item.source,
+                prompt_from=item.prompt_from, shard=shard_name(k), prompt_tokens=tokens[item.id],
+                **{"reason": None, "caption": None, "caption_tokens": None, "attempts": 0, "video": None,
+                   "detail": None, **fields},
+            )
+
+        tokens = {item.id: None if item.prompt is None else count_tokens(self.pipe.text_tokenizer, item.prompt)
+                  for item in items}
+        valid = []
         for item in items:
-            problem = self._prompt_problem(item)
-            tokens[item.id] = None if item.prompt is None else count_tokens(self.pipe.text_tokenizer, item.prompt)
+            problem = self._prompt_problem(item, tokens[item.id])
             if problem is None:
                 valid.append(item)
             elif item.id not in kept:
-                lines[item.id] = _line(item, shard, problem[0], problem[1], problem[2], tokens[item.id])
-                self._dropped("videos")
+                record(item, problem[0], reason=problem[1], detail=problem[2])
+                progress.drop_from("videos")
+
         clips = self._clips(valid, kept)
         for item, clip in clips:
             if clip.frames is None:
-                lines[item.id] = _line(item, shard, "skipped", clip.reason, clip.detail, tokens[item.id])
-                self._dropped("captions")
-            elif self.recipe.data.keep_videos:
+                record(item, "skipped", reason=clip.reason, detail=clip.detail)
+                progress.drop_from("captions")
+            elif data.keep_videos:
                 write_video(self.root / VIDEOS / f"{item.id}.mp4", clip.frames, self.recipe.model.fps)
 
         captioned = [(item, clip) for item, clip in clips if clip.frames is not None]
         results = self.captioner.caption_batch(
             [CaptionItem(item.id, item.prompt, clip.frames, item.spec) for item, clip in captioned]
         )
-        self._advance("captions", len(results))
-        data = self.recipe.data
+        progress.advance("captions", len(results))
         for (item, clip), result in zip(captioned, results, strict=True):
-            video = f"{VIDEOS}/{item.id}.mp4" if data.keep_videos else None
-            status = "ok" if result.ok else "rejected"
-            lines[item.id] = _line(item, shard, status, result.reason, None, tokens[item.id], result.caption,
-                                   result.num_tokens, result.attempts, video)
+            record(item, "ok" if result.ok else "rejected", reason=result.reason, caption=result.caption,
+                   caption_tokens=result.num_tokens, attempts=result.attempts,
+                   video=f"{VIDEOS}/{item.id}.mp4" if data.keep_videos else None)
             if result.ok:
                 tensors.update(item_tensors(self.pipe, item.id, clip.frames, item.prompt, result.caption,
                                             data.latents_dtype, data.embeds_dtype))
-                self._advance("cache")
+                progress.advance("cache")
             else:
-                self._dropped("cache")
+                progress.drop_from("cache")
         save_tensors(tensors_path, tensors)
         write_lines(lines_path, [lines[item.id] for item in items])  # last: marks the shard written
         return len(items) - len(kept)
 
-    def _prompt_problem(self, item: PlannedItem) -> tuple[str, str, str] | None:
-        """(status, reason, detail) when the item cannot be made from its prompt."""
+    def _prompt_problem(self, item: PlannedItem, tokens: int | None) -> tuple[str, str, str] | None:
+        """(status, reason, detail) when the item cannot be made from its prompt (the paper's prompt rule)."""
         data = self.recipe.data
         if item.prompt is None:
-            return "skipped", "no_prompt", f"{item.source}: no prompt (no {Path(item.source).stem}.txt or .jsonl line for it)"
-        tokens = count_tokens(self.pipe.text_tokenizer, item.prompt)
+            return "skipped", "no_prompt", f"{item.source}: no prompt (no {Path(item.source).stem}.txt, or no " \
+                                           f"line with its id in {data.prompts})"
         if tokens > data.max_prompt_tokens:
             return "rejected", "prompt_too_long", f"{tokens} tokens, more than {data.max_prompt_tokens}"
         if tokens < data.min_prompt_tokens:
@@ -387,27 +407,8 @@ class ShardBuilder:
             made = [(item, clip) for item, clip in zip(batch, self.generator.generate(batch), strict=True)
                     if item.id not in kept]
             clips.extend(made)
-            self._advance("videos", len(made))
+            self.progress.advance("videos", len(made))
         return clips
-
-    def _advance(self, stage: str, count: int = 1) -> None:
-        if self.progress:
-            self.progress.advance(stage, count)
-
-    def _dropped(self, stage: str) -> None:
-        """An item left the run before `stage`: later bars expect one item fewer."""
-        if self.progress:
-            self.progress.drop_from(stage)
-
-
-def _line(item: PlannedItem, shard: str, status: str, reason: str | None, detail: str | None, prompt_tokens,
-          caption: str | None = None, caption_tokens: int | None = None, attempts: int = 0,
-          video: str | None = None) -> ItemLine:
-    return ItemLine(
-        id=item.id, index=item.index, status=status, reason=reason, prompt=item.prompt, caption=caption,
-        prompt_tokens=prompt_tokens, caption_tokens=caption_tokens, attempts=attempts, video=video,
-        source=item.source, prompt_from=item.prompt_from, detail=detail, shard=shard,
-    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -422,24 +423,20 @@ class RateColumn(ProgressColumn):
 
 
 class StageProgress:
-    """One rich progress bar per stage with items/s; silent when `console` is None."""
+    """One rich progress bar per stage, with items/s; silent when `console` is None. Each bar's total
+    is the items that reach its stage: an item dropped before a stage (`drop_from`) shrinks it."""
 
     STAGES = ("videos", "captions", "cache")
 
-    def __init__(self, console: Console | None, num_shards: int, done_shards: int, items: int):
-        self.console, self.items = console, items
-        self.header = f"{num_shards} shard(s), {done_shards} of this rank's done before: making {items} item(s)"
+    def __init__(self, console: Console | None, items: int):
         self.progress = Progress(
             TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-            TimeElapsedColumn(), console=console, disable=console is None or items == 0,
+            TimeElapsedColumn(), console=console, disable=console is None,
         )
-        self.tasks = {}
+        self.tasks = {stage: self.progress.add_task(stage, total=items) for stage in self.STAGES}
 
     def __enter__(self) -> StageProgress:
-        if self.console:
-            self.console.print(self.header)
         self.progress.start()
-        self.tasks = {stage: self.progress.add_task(stage, total=self.items) for stage in self.STAGES}
         return self
 
     def __exit__(self, *exc) -> None:

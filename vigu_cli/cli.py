@@ -61,7 +61,9 @@ def build_dataset(
     recipe: RecipeOpt = "world-tiny",
     set_: SetOpt = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Dataset folder (default: data.out).")] = None,
-    num_items: Annotated[Optional[int], typer.Option("--num-items", "-n", help="Items (default: data.num_items).")] = None,
+    num_items: Annotated[
+        Optional[int], typer.Option("--num-items", "-n", help="Items to build (default: data.num_items).")
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Rebuild from scratch; by default a re-run resumes the folder.")
     ] = False,

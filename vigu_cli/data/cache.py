@@ -36,6 +36,7 @@ from .video_io import frames_to_tensor
 FORMAT = "vigu-dataset"
 VERSION = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TENSORS = ("latents", "prompt_embeds", "prompt_ids", "caption_ids")  # per usable item
 PROBE_TEXT = "A large red circle moves left quickly. Ein Hund läuft über die Straße. 一只猫在草地上奔跑。"
 
 
@@ -217,8 +218,7 @@ class CachedVideoTextDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         item_id, shard = self.items[i]
         handle = self._shard(shard)
-        sample = {name: handle.get_tensor(tensor_key(item_id, name))
-                  for name in ("latents", "prompt_embeds", "prompt_ids", "caption_ids")}
+        sample = {name: handle.get_tensor(tensor_key(item_id, name)) for name in TENSORS}
         sample["prompt_embeds"] = pad_prompt_embeds(sample["prompt_embeds"], self.prompt_max_length)
         return {"id": item_id, **sample}
 

@@ -78,7 +78,8 @@ class WanGenerator(VideoGenerator):
         settings = data.generator
         path = settings.path or model.base
         if not Path(path).is_dir():
-            raise VigUError(f"generator folder {path} not found: set data.generator.path to a local Wan2.1 diffusers folder")
+            raise VigUError(f"generator folder {path} not found: set data.generator.path to a local Wan2.1 "
+                            "diffusers folder")
         if folder_class(path) != "WanPipeline":
             raise VigUError(f"data.generator.path {path} holds a {folder_class(path)}: the wan generator needs a stock "
                             "Wan2.1 diffusers folder (WanPipeline)")

@@ -82,7 +82,8 @@ def read_prompts_file(path: Path) -> list[tuple[str | None, str, str]]:
             record = json.loads(text)
             prompt, entry_id = record["prompt"], record.get("id")
         except (ValueError, KeyError, TypeError, AttributeError):
-            raise VigUError(f'{where}: each line must be a JSON object with a "prompt" (and optionally an "id")') from None
+            raise VigUError(f'{where}: each line must be a JSON object with a "prompt" (and optionally an "id")'
+                            ) from None
         if not isinstance(prompt, str):
             raise VigUError(f'{where}: "prompt" must be a string, got {prompt!r}')
         entries.append((None if entry_id is None else _valid_id(str(entry_id), where), prompt.strip(), where))
@@ -92,7 +93,8 @@ def read_prompts_file(path: Path) -> list[tuple[str | None, str, str]]:
 def _video_items(data: DataSection) -> list[PlannedItem]:
     folder = Path(data.generator.path)
     if not data.generator.path or not folder.is_dir():
-        raise VigUError(f"videos folder '{data.generator.path}' not found: set data.generator.path to a folder of videos")
+        raise VigUError(f"videos folder '{data.generator.path}' not found: set data.generator.path to a folder "
+                        "of videos")
     videos = sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES and not p.name.startswith("."))
     if not videos:
         raise VigUError(f"videos folder {folder} holds no {'/'.join(VIDEO_SUFFIXES)} files: put the clips there")
@@ -121,7 +123,8 @@ def _sidecar(video: Path) -> tuple[str | None, str]:
 
 def _valid_id(entry_id: str, where: str) -> str:
     if not entry_id or "/" in entry_id or entry_id.startswith(".") or entry_id != entry_id.strip():
-        raise VigUError(f"{where}: id {entry_id!r} must be a non-empty name without '/', spaces around it or a leading '.'")
+        raise VigUError(f"{where}: id {entry_id!r} must be a non-empty name without '/', spaces around it or a "
+                        "leading '.'")
     return entry_id
 
 
