@@ -30,6 +30,7 @@ from vigu_cli.errors import VigUError
 from vigu_cli.recipe import load_recipe
 from vigu_cli.synth.captioners import count_tokens
 from vigu_cli.synth.generators import video_seed
+from vigu_cli.synth.prompts import plan_items
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -111,7 +112,7 @@ def test_world_build_of_64_clips_end_to_end(reference):
     stored = load_file(out / "shards" / "shard-00000.safetensors")["000000/prompt_embeds"]
     assert stored.shape == (6, 32)  # only the prompt's real rows are stored: 5 words and EOS
 
-    batch = next(iter(DataLoader(train, batch_size=16, num_workers=2, collate_fn=collate)))
+    batch = next(iter(DataLoader(train, batch_size=16, num_workers=1, collate_fn=collate)))
     assert batch["latents"].shape == (16, 192, 5, 8, 8) and batch["prompt_embeds"].shape == (16, 32, 32)
     assert batch["prompt_ids"].shape == batch["caption_ids"].shape == (16, 32) and len(batch["id"]) == 16
 
@@ -287,6 +288,22 @@ def test_openai_captioner_in_a_build_loses_nothing_and_a_rerun_retries_only_serv
     assert len(CachedVideoTextDataset(out, "all")) == 9
 
 
+def test_a_refused_key_stops_the_build_after_writing_the_shard_and_a_rerun_finishes(tmp_path):
+    folder, out = tmp_path / "clips", tmp_path / "data"
+    names = [f"clip-{i:02d}" for i in range(6)]
+    write_clips(folder, names)
+    with FakeChatServer({name: ["401"] * 9 for name in names}) as server:
+        with pytest.raises(VigUError, match="refused the API key") as info:
+            build_dataset(files_recipe(folder, out, f"data.captioner.base_url={server.url}", "data.shard_size=2"))
+    assert "\n" not in str(info.value)
+    written = read_lines(out / "shards" / "shard-00000.jsonl")  # the shard in progress was written first
+    assert [line.reason for line in written] == ["http_401"] * 2 and not written[0].final
+    assert not (out / "shards" / "shard-00001.jsonl").exists() and temporary_files(out) == []
+    with FakeChatServer(defaultdict(list)) as good:
+        report = build_dataset(files_recipe(folder, out, f"data.captioner.base_url={good.url}", "data.shard_size=2"))
+    assert [line.status for line in report.lines] == ["ok"] * 6 and set(good.requests) == set(names)
+
+
 def test_files_generator_skips_a_corrupt_or_short_video_by_name(tmp_path):
     folder, out = tmp_path / "clips", tmp_path / "data"
     good, short, broken, unprompted = ["clip-10", "clip-11", "clip-12"], "clip-13", "clip-14", "clip-15"
@@ -295,6 +312,9 @@ def test_files_generator_skips_a_corrupt_or_short_video_by_name(tmp_path):
     (folder / f"{broken}.mp4").write_bytes(os.urandom(3000))
     (folder / f"{broken}.txt").write_text(f"a red circle moving left ({broken})\n")
     write_video(folder / f"{unprompted}.mp4", world.render(world.sample_clip(np.random.default_rng(1), 32, 32, 17)), 8)
+    wordy = "clip-16"
+    write_clips(folder, [wordy])
+    (folder / f"{wordy}.txt").write_text(f"a red circle {'and a red circle ' * 4}moving left ({wordy})\n")
     with FakeChatServer(defaultdict(list)) as server:
         report = build_dataset(files_recipe(folder, out, f"data.captioner.base_url={server.url}"))
     lines = {line.id: line for line in report.lines}
@@ -305,7 +325,9 @@ def test_files_generator_skips_a_corrupt_or_short_video_by_name(tmp_path):
     assert str(folder / f"{broken}.mp4") in lines[broken].detail and "cannot be read" in lines[broken].detail
     assert "has 5 frames, fewer than the 9 needed" in lines[short].detail
     assert lines[good[0]].source == str(folder / f"{good[0]}.mp4") and lines[good[0]].prompt_from == f"{good[0]}.txt"
-    assert set(server.requests) == set(good)  # skipped files are never captioned
+    assert (lines[wordy].status, lines[wordy].reason, lines[wordy].prompt_tokens) == ("rejected", "prompt_too_long", 26)
+    assert lines[wordy].video is None  # the prompt rule comes before any video
+    assert set(server.requests) == set(good)  # skipped and rejected items are never captioned
     dataset = CachedVideoTextDataset(out, "all")
     assert [item_id for item_id, _ in dataset.items] == good
     assert dataset[0]["latents"].shape == (48, 3, 8, 8)  # resized and frame-sampled to the model's 16x16x9
@@ -337,17 +359,24 @@ def test_transformers_captioner_in_a_build(tiny_vlm, tmp_path):  # noqa: F811 (f
         assert torch.equal(dataset[i]["caption_ids"], pipe.text_ids([line.caption])[0])
 
 
-def test_wan_generator_with_a_tiny_stock_folder(tiny_wan_vae_dir, tmp_path):
-    recipe = tiny_recipe(
-        f"model.base={tiny_wan_vae_dir}", "data.generator.backend=wan", "data.generator.steps=2",
-        "data.generator.batch_size=2", "data.num_items=3", "data.shard_size=2", f"data.out={tmp_path}",
-        base=TINY_WAN_VAE,
-    )
-    report = build_dataset(recipe)
+def test_wan_generator_with_a_tiny_stock_folder_and_a_prompts_file(tiny_wan_vae_dir, tmp_path):
+    """The Wan recipes' combination: a .txt of prompts -> WanPipeline from a local folder -> an openai captioner."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving left (clip-00)\n\na blue square staying still (clip-01)\n"
+                       "a green triangle moving up (clip-02)\n")
+    with FakeChatServer(defaultdict(list)) as server:
+        recipe = tiny_recipe(
+            f"model.base={tiny_wan_vae_dir}", "data.generator.backend=wan", "data.generator.steps=2",
+            "data.generator.batch_size=2", f"data.prompts={prompts}", "data.num_items=0", "data.shard_size=2",
+            f"data.out={tmp_path / 'data'}", *OPENAI, f"data.captioner.base_url={server.url}", base=TINY_WAN_VAE,
+        )
+        report = build_dataset(recipe)
     assert [line.status for line in report.lines] == ["ok"] * 3
-    dataset = CachedVideoTextDataset(tmp_path, "all")
+    assert [line.prompt_from for line in report.lines] == ["prompts.txt:1", "prompts.txt:3", "prompts.txt:4"]
+    assert [line.id for line in report.lines] == ["000000", "000001", "000002"]
+    dataset = CachedVideoTextDataset(tmp_path / "data", "all")
     assert dataset[0]["latents"].shape == (16, 3, 4, 4)
-    assert read_video(tmp_path / "videos" / "000002.mp4").shape == (9, 32, 32, 3)
+    assert read_video(tmp_path / "data" / "videos" / "000002.mp4").shape == (9, 32, 32, 3)
 
     # item 2 (alone in its batch) is WanPipeline's video for its prompt and its own seed, encoded
     from diffusers import WanPipeline
@@ -390,6 +419,10 @@ TRANSFORMERS = ["--set", "data.captioner.backend=transformers", "--set", "data.c
         (["--set", "data.captioner.concurency=3"], "error: unknown recipe key 'data.captioner.concurency' in "
          "data.captioner: did you mean 'concurrency'?"),
         (["--set", "model.base=/nowhere/Wan2.1"], "error: model folder /nowhere/Wan2.1 does not exist"),
+        (["--set", "data.generator.backend=wan", "--set", "data.generator.path=/nowhere/Wan2.1-14B"],
+         "error: generator folder /nowhere/Wan2.1-14B not found"),
+        (["--set", "data.captioner.backend=transformers", "--set", "data.captioner.model_path=/nowhere/VLM"],
+         "error: captioner model folder /nowhere/VLM not found"),
         (["--set", "data.prompts=/nowhere/prompts.txt"], "error: data.generator.backend=world renders the world"),
         (["--set", "data.max_prompt_tokens=32"], "error: data.max_prompt_tokens=32 leaves no room for EOS"),
     ],
@@ -399,16 +432,47 @@ def test_bad_inputs_are_one_line_and_exit_1(monkeypatch, capsys, tmp_path, args,
     args = [arg.format(port=port) for arg in args]
     code, err, out = run_cli(monkeypatch, capsys, "--out", str(tmp_path / "data"), *args)
     assert code == 1 and len(err) == 1 and err[0].startswith(message.format(port=port)), err
-    assert out == ""
+    assert out == "" and not (tmp_path / "data").exists()  # found before anything was written
 
 
-def test_a_folder_that_is_not_a_dataset_is_refused(tmp_path):
+def test_a_folder_that_is_not_a_dataset_is_refused_even_with_overwrite(monkeypatch, capsys, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    run = vigu("build-dataset", "--out", str(tmp_path), "-n", "2", "--overwrite")
-    assert run.returncode == 1
-    assert run.stderr.strip().splitlines() == [f"error: {tmp_path} exists and is not a vigu dataset: give another "
-                                               "folder with --out"]
+    code, err, _ = run_cli(monkeypatch, capsys, "--out", str(tmp_path), "-n", "2", "--overwrite")
+    assert code == 1
+    assert err == [f"error: {tmp_path} exists and is not a vigu dataset: give another folder with --out"]
     assert (tmp_path / "notes.txt").exists()
+
+
+def test_prompt_sources_give_ids_prompts_and_where_they_came_from(tmp_path):
+    model = load_recipe("world-tiny").model
+    data = load_recipe("world-tiny", ["data.generator.backend=wan", "data.num_items=0"]).data
+    (tmp_path / "p.txt").write_text("first prompt\n\n  second prompt  \n")
+    data.prompts = str(tmp_path / "p.txt")
+    assert [(i.id, i.prompt, i.prompt_from) for i in plan_items(data, model)] == [
+        ("000000", "first prompt", "p.txt:1"), ("000001", "second prompt", "p.txt:3")]
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a", "id": "cat"}\n{"prompt": "b"}\n')
+    data.prompts, data.num_items = str(tmp_path / "p.jsonl"), 5
+    assert [(i.index, i.id, i.prompt) for i in plan_items(data, model)] == [(0, "cat", "a"), (1, "000001", "b")]
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    data.prompts = str(tmp_path / "bad.jsonl")
+    with pytest.raises(VigUError, match='bad.jsonl:2: each line must be a JSON object with a "prompt"'):
+        plan_items(data, model)
+    (tmp_path / "twice.jsonl").write_text('{"prompt": "a", "id": "x"}\n{"prompt": "b", "id": "x"}\n')
+    data.prompts = str(tmp_path / "twice.jsonl")
+    with pytest.raises(VigUError, match="item id 'x' appears twice"):
+        plan_items(data, model)
+
+    videos = tmp_path / "videos"
+    write_clips(videos, ["b-clip", "a-clip"])
+    (videos / "a-clip.txt").unlink()
+    (tmp_path / "by-id.jsonl").write_text('{"id": "a-clip", "prompt": "from the jsonl"}\n')
+    data.generator.backend, data.generator.path, data.num_items = "files", str(videos), 0
+    data.prompts = str(tmp_path / "by-id.jsonl")
+    assert [(i.id, i.prompt, i.prompt_from, Path(i.source).name) for i in plan_items(data, model)] == [
+        ("a-clip", "from the jsonl", "by-id.jsonl:1", "a-clip.mp4"), ("b-clip", None, "none", "b-clip.mp4")]
+    data.prompts = "sidecar"
+    sidecars = [(i.prompt is None, i.prompt_from) for i in plan_items(data, model)]
+    assert sidecars == [(True, "none"), (False, "b-clip.txt")]
 
 
 def test_retryable_reasons_are_the_service_failures():

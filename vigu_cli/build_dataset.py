@@ -85,32 +85,33 @@ def build_dataset(recipe: Recipe, *, overwrite: bool = False, console: Console |
         pipe = encoding_pipeline(recipe, state.device)
         info = start_info(recipe, pipe, state.device)
         check_existing(root, info, overwrite)
+        shards = [[plan[i] for i in indices] for indices in shard_ranges(len(plan), data.shard_size)]
+        mine = shards_of_rank(len(shards), state.process_index, state.num_processes)
+        todo = {k: {} if overwrite else reusable(root, k, shards[k]) for k in mine}
+        todo = {k: kept for k, kept in todo.items() if kept is not None}
+        items = sum(len(shards[k]) - len(kept) for k, kept in todo.items())
+        shown = console if state.is_local_main_process else None
+        progress = StageProgress(shown, items)
+        # the generator and the captioner load only when there is work, and before the folder is touched
+        builder = ShardBuilder(root, recipe, pipe, state, progress) if todo else None
         state.wait_for_everyone()
         if state.is_main_process:
             prepare_folder(root, info, pipe, overwrite)
         state.wait_for_everyone()
 
-        shards = [[plan[i] for i in indices] for indices in shard_ranges(len(plan), data.shard_size)]
-        mine = shards_of_rank(len(shards), state.process_index, state.num_processes)
-        todo = {k: kept for k in mine if (kept := reusable(root, k, shards[k])) is not None}
         if console is not None and state.num_processes > 1:
             listed = ", ".join(map(str, mine[:4])) + (", ..." if len(mine) > 4 else "")
             console.print(f"rank {state.process_index} of {state.num_processes}: shards {listed} "
                           f"({len(mine)} in all, {len(todo)} to build)")
+        if shown:
+            shown.print(f"{len(shards)} shard(s), {len(mine) - len(todo)} of this process's done before: "
+                        f"making {items} item(s)")
         made = 0
-        if todo:  # load the generator and the captioner only when there is something to make
-            items = sum(len(shards[k]) - len(kept) for k, kept in todo.items())
-            shown = console if state.is_local_main_process else None
-            if shown:
-                shown.print(f"{len(shards)} shard(s), {len(mine) - len(todo)} of this process's done before: "
-                            f"making {items} item(s)")
-            progress = StageProgress(shown, items)
-            builder = ShardBuilder(root, recipe, pipe, state, progress)
-            with progress:
-                for k, kept in todo.items():
-                    made += builder.build(k, shards[k], kept)
-                    if builder.captioner.error:  # the shard is written; nothing more can be captioned
-                        raise builder.captioner.error
+        with progress:
+            for k, kept in todo.items():
+                made += builder.build(k, shards[k], kept)
+                if builder.captioner.error:  # the shard is written; nothing more can be captioned
+                    raise builder.captioner.error
         state.wait_for_everyone()
         made, done_before = sum(gather_object([made])), sum(gather_object([len(mine) - len(todo)]))
         lines = finish(root, info, len(shards), data.val_every) if state.is_main_process else []
@@ -431,7 +432,7 @@ class StageProgress:
     def __init__(self, console: Console | None, items: int):
         self.progress = Progress(
             TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-            TimeElapsedColumn(), console=console, disable=console is None,
+            TimeElapsedColumn(), console=console, disable=console is None or items == 0,
         )
         self.tasks = {stage: self.progress.add_task(stage, total=items) for stage in self.STAGES}
 
