@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -50,6 +51,9 @@ from .synth.prompts import PlannedItem, plan_items
 
 log = logging.getLogger(__name__)
 
+# Ranks finish their shards at different times and wait for the last one at a barrier; the process group's
+# default timeout (10 min for NCCL, 30 min for gloo) would abort a Wan build whose shards take longer.
+RANK_WAIT = timedelta(hours=24)
 # Captioner settings that change how results arrive, not what they are: free to change between runs.
 CAPTIONER_TRANSPORT = ("base_url", "api_key_env", "concurrency", "timeout_s", "max_retries", "backoff_s", "device")
 
@@ -77,7 +81,7 @@ def build_dataset(recipe: Recipe, *, overwrite: bool = False, console: Console |
     check_settings(recipe)
     if data.captioner.backend == "openai":
         check_endpoint(data.captioner)
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=RANK_WAIT)
     root = dataset_dir(recipe)
     plan = plan_items(data, recipe.model)
     check_existing(root, {"settings": content_settings(recipe, state.device)}, overwrite)  # before loading models
@@ -454,7 +458,7 @@ class StageProgress:
 
 @contextmanager
 def _reporting(console: Console | None) -> Iterator[None]:
-    """With a console: log lines (e.g. rejected captions) through it, library loading bars off."""
+    """With a console: log lines through it (rejected captions; this module's notes), library loading bars off."""
     if console is None:
         yield
         return
@@ -464,15 +468,17 @@ def _reporting(console: Console | None) -> Iterator[None]:
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     handler = RichHandler(console=console, show_time=False, show_path=False)
-    logger = logging.getLogger("vigu_cli")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING)
+    package, levels = logging.getLogger("vigu_cli"), {}
+    for logger, level in ((package, logging.WARNING), (log, logging.INFO)):  # rejections; this module's notes
+        levels[logger] = logger.level
+        logger.setLevel(level)
+    package.addHandler(handler)
     try:
         yield
     finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+        package.removeHandler(handler)
+        for logger, level in levels.items():
+            logger.setLevel(level)
 
 
 def summary_table(report: BuildReport) -> Table:
@@ -493,4 +499,7 @@ def summary_table(report: BuildReport) -> Table:
             detail = "; ".join(line.detail for line in examples[:3]) + (" ..." if len(examples) > 3 else "")
         table.add_row("made" if status == "ok" else status, reason or "", str(count), detail)
     table.add_row("total", "", str(len(report.lines)), "")
+    pending = sum(not line.final for line in report.lines)
+    if pending:
+        table.caption = f"{pending} item(s) failed for service reasons: run the same command again to retry them"
     return table
