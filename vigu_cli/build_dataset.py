@@ -187,7 +187,7 @@ def encoding_pipeline(recipe: Recipe, device: torch.device):
         pipe = pipeline_from_recipe(recipe)
     else:
         pipe = load_pipeline(recipe.model.base, recipe, transformer=None,
-                             dtype={"text_encoder": dtype, "default": torch.float32})
+                             torch_dtype={"text_encoder": dtype, "default": torch.float32})
     pipe.text_encoder.to(device, dtype)
     pipe.vae.to(device)
     return pipe

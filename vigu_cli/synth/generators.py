@@ -84,10 +84,8 @@ class WanGenerator(VideoGenerator):
             raise VigUError(f"data.generator.path {path} holds a {folder_class(path)}: the wan generator needs a stock "
                             "Wan2.1 diffusers folder (WanPipeline)")
         dtype = resolve_dtype(settings.dtype, device)
-        self.pipe = WanPipeline.from_pretrained(
-            path, local_files_only=True, dtype={"transformer": dtype, "text_encoder": dtype, "default": torch.float32},
-            **shared,
-        ).to(device)
+        dtypes = {"transformer": dtype, "text_encoder": dtype, "default": torch.float32}  # the VAE in fp32, as Wan
+        self.pipe = WanPipeline.from_pretrained(path, local_files_only=True, torch_dtype=dtypes, **shared).to(device)
         scheduler = self.pipe.scheduler
         shift_key = "flow_shift" if "flow_shift" in scheduler.config else "shift"
         self.pipe.scheduler = type(scheduler).from_config(scheduler.config, **{shift_key: settings.shift})
