@@ -457,6 +457,10 @@ def test_prompt_sources_give_ids_prompts_and_where_they_came_from(tmp_path):
     data.prompts = str(tmp_path / "bad.jsonl")
     with pytest.raises(VigUError, match='bad.jsonl:2: each line must be a JSON object with a "prompt"'):
         plan_items(data, model)
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    data.prompts = str(tmp_path / "empty.txt")
+    with pytest.raises(VigUError, match="empty.txt holds no prompts"):
+        plan_items(data, model)
     (tmp_path / "twice.jsonl").write_text('{"prompt": "a", "id": "x"}\n{"prompt": "b", "id": "x"}\n')
     data.prompts = str(tmp_path / "twice.jsonl")
     with pytest.raises(VigUError, match="item id 'x' appears twice"):

@@ -59,6 +59,8 @@ def _world_item(seed: int, index: int, model: ModelSection) -> PlannedItem:
 
 def _file_items(path: Path) -> list[PlannedItem]:
     entries = read_prompts_file(path)
+    if not entries:
+        raise VigUError(f"prompts file {path} holds no prompts: write one per line (or a JSON object per line)")
     ids = [entry_id or f"{index:06d}" for index, (entry_id, _, _) in enumerate(entries)]
     _check_unique(ids, path)
     return [PlannedItem(i, ids[i], prompt, where) for i, (_, prompt, where) in enumerate(entries)]
