@@ -57,9 +57,30 @@ def convert(
 
 
 @app.command("build-dataset")
-def build_dataset() -> None:
-    """Prompts -> videos -> LLM-written detailed captions -> cached latents and embeddings."""
-    not_built("build-dataset", "0.2", 4)
+def build_dataset(
+    recipe: RecipeOpt = "world-tiny",
+    set_: SetOpt = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Dataset folder (default: data.out).")] = None,
+    num_items: Annotated[
+        Optional[int], typer.Option("--num-items", "-n", help="Items to build (default: data.num_items).")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Rebuild from scratch; by default a re-run resumes the folder.")
+    ] = False,
+) -> None:
+    """Prompts -> videos -> LLM-written detailed captions -> cached latents and embeddings.
+
+    Multi-process: `torchrun --nproc_per_node N -m vigu_cli build-dataset ...` (or `accelerate launch`)."""
+    from rich.console import Console as StdoutConsole
+
+    from .build_dataset import build_dataset as build, summary_table
+
+    loaded = load_recipe(recipe, set_)
+    loaded.data.out = out or loaded.data.out
+    loaded.data.num_items = loaded.data.num_items if num_items is None else num_items
+    report = build(loaded, overwrite=overwrite, console=console)
+    if report.lines:
+        StdoutConsole(soft_wrap=True).print(summary_table(report))
 
 
 @app.command()

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import VigUError
+from .synth.captioners import CaptionerConfig
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
@@ -182,12 +183,50 @@ class TrainSection:
 
 
 @dataclass
+class GeneratorSection:
+    """`vigu build-dataset` step 2, the videos: `world` (the world's renderer), `wan` (a local diffusers
+    WanPipeline folder) or `files` (a folder of the user's own videos). Clips are made at the model's
+    shape (`model.height/width/num_frames/fps`)."""
+
+    backend: Literal["world", "wan", "files"] = "world"
+    path: str = ""  # wan: the WanPipeline folder ("" = model.base); files: the folder of videos
+    batch_size: int = 1  # wan: prompts per call
+    steps: int = 50  # wan: denoising steps
+    guidance: float = 5.0  # wan: classifier-free guidance scale
+    shift: float = 3.0  # wan: the scheduler's flow shift (Wan2.1: 3.0 at 480p, 5.0 at 720p)
+    negative_prompt: str = ""  # wan
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # wan: transformer and text encoder; auto: bf16 on GPU
+
+
+@dataclass
+class DataSection:
+    """`vigu build-dataset` (paper section 4.1): brief prompts -> videos -> detailed captions -> a cache of
+    VAE latents, prompt embeddings and token ids that training reads."""
+
+    out: str = ""  # the dataset folder; "" = runs/<recipe name>/data
+    num_items: int = 64  # 0: every prompt of the prompts file / every video of the folder
+    seed: int = 0  # item i is determined by (seed, i): its prompt, its video, its place
+    shard_size: int = 16  # items per shard: the unit of work per rank, of resume and of the cache files
+    val_every: int = 16  # every k-th item (index % k == k - 1) is held out for validation; 0: none
+    prompts: str = "world"  # world (the world sampler), sidecar (files: <video>.txt), or a .txt / .jsonl file
+    min_prompt_tokens: int = 0  # the prompt rule, in tokens of the text-stream tokenizer (paper: 0-128)
+    max_prompt_tokens: int = 128
+    generator: GeneratorSection = field(default_factory=GeneratorSection)
+    captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
+    latents_dtype: Literal["float32", "bfloat16"] = "float32"  # how cached latents are stored
+    embeds_dtype: Literal["float32", "bfloat16"] = "float32"  # how cached prompt embeddings are stored
+    text_encoder_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    keep_videos: bool = True  # also write each clip as videos/<id>.mp4 (to inspect, or for `vigu caption`)
+
+
+@dataclass
 class Recipe:
     name: str = "unnamed"
     model: ModelSection = field(default_factory=ModelSection)
     text: TextSection = field(default_factory=TextSection)
     flow: FlowSection = field(default_factory=FlowSection)
     sampling: SamplingSection = field(default_factory=SamplingSection)
+    data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
 
 

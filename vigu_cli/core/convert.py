@@ -41,10 +41,11 @@ def text_stream_tokenizer(recipe: Recipe, prompt_tokenizer):
 
 
 def vigu_from_wan(wan: WanPipeline, recipe: Recipe) -> UniViGUPipeline:
-    """Extend a stock Wan pipeline into Uni-ViGU (new text parameters as the recipe's `text` section says)."""
+    """Extend a stock Wan pipeline into Uni-ViGU (new text parameters as the recipe's `text` section says).
+    A pipeline loaded without its transformer (`transformer=None`, e.g. to encode a dataset) stays without."""
     text_tokenizer = text_stream_tokenizer(recipe, wan.tokenizer)
     text = recipe.text
-    transformer = UniViGUTransformer.from_wan(
+    transformer = None if wan.transformer is None else UniViGUTransformer.from_wan(
         wan.transformer,
         text_formulation=text.formulation,
         text_vocab_size=len(text_tokenizer),
