@@ -80,9 +80,10 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_data, tmp_path):
     assert [p.name for p in checkpoints(tmp_path / "killed" / "recall")] == ["step-00000008", "step-00000012"]
 
 
-@pytest.mark.slow
 def test_two_processes_match_one_process_with_twice_the_batch(tiny_data, tmp_path):
-    """Must show 2: torchrun x2 (gloo) == one process with the doubled batch; one checkpoint folder."""
+    """Must show 2: torchrun x2 (gloo, gradients all-reduced) == one process with the doubled batch, step
+    for step: each rank reads its own half of every global batch (were they the same half, or were the
+    gradients not synchronised, the losses and weights would part); one set of checkpoints."""
     one = train(recipe_for(tiny_data, tmp_path / "one", "train.recall.batch_size=8"), "recall")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run(

@@ -33,10 +33,10 @@ from torch.utils.data import DataLoader
 from .core.convert import load_pipeline, pipeline_from_recipe, save_folder, vigu_from_wan
 from .core.components import build_wan_pipeline
 from .core.objective import unified_objective
+from .build_dataset import dataset_dir
 from .data.cache import CachedVideoTextDataset, check_compatible, collate
-from .data.manifest import MANIFEST, read_lines
+from .data.manifest import MANIFEST, is_validation, read_lines
 from .data.video_io import write_video
-from .data.cache import is_validation
 from .errors import VigUError
 from .evaluate import caption_accuracy, generation_accuracy
 from .data import world
@@ -56,10 +56,6 @@ def output_root(recipe: Recipe) -> Path:
 
 def stage_dir(recipe: Recipe, stage: str) -> Path:
     return output_root(recipe) / stage
-
-
-def dataset_dir(recipe: Recipe) -> Path:
-    return Path(recipe.train.dataset or recipe.data.out or f"runs/{recipe.name}/data")
 
 
 def initial_pipeline(recipe: Recipe, stage: str):
@@ -173,7 +169,7 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
     if stage_name not in STAGES:
         raise VigUError(f"unknown stage '{stage_name}': use one of {', '.join(STAGES)}")
     stage: StageSection = getattr(recipe.train, stage_name)
-    root, data = stage_dir(recipe, stage_name), dataset_dir(recipe)
+    root, data = stage_dir(recipe, stage_name), Path(recipe.train.dataset) if recipe.train.dataset else dataset_dir(recipe)
     accelerator = Accelerator(
         mixed_precision=mixed_precision(stage),
         gradient_accumulation_steps=stage.grad_accum,
@@ -200,9 +196,9 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
         raise VigUError(f"the dataset in {data} has {len(dataset)} training items, fewer than one batch ({global_batch})")
     loader = DataLoader(dataset, batch_size=global_batch, shuffle=True, drop_last=True, collate_fn=collate)
     optimizer = torch.optim.AdamW(trained, lr=stage.learning_rate, betas=tuple(stage.betas), weight_decay=stage.weight_decay)
+    # split_batches: the prepared scheduler steps once per optimizer step, whatever the process count
     scheduler = get_scheduler(
-        stage.lr_scheduler, optimizer, num_warmup_steps=stage.warmup_steps * accelerator.num_processes,
-        num_training_steps=stage.max_steps * accelerator.num_processes,
+        stage.lr_scheduler, optimizer, num_warmup_steps=stage.warmup_steps, num_training_steps=stage.max_steps
     )
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     core = accelerator.unwrap_model(model)
@@ -246,7 +242,7 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
                     if not torch.isfinite(loss):
                         last = checkpoints(root)
                         raise VigUError(
-                            f"loss is {float(loss)} at step {step + 1}; last good checkpoint: "
+                            f"loss is {float(loss.detach())} at step {step + 1}; last good checkpoint: "
                             f"{last[-1] if last else 'none (nothing saved yet)'}: lower train.{stage_name}.learning_rate "
                             "and resume with --resume"
                         )
