@@ -161,6 +161,7 @@ class StageSection:
     batch_size: int = 8  # per process
     grad_accum: int = 1
     max_grad_norm: float = 1.0
+    ema_decay: float = 0.0  # > 0: keep an exponential moving average of the trained weights and save it (DDP/one process)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     gradient_checkpointing: bool = False
     checkpoint_every: int = 500

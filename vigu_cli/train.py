@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
@@ -202,6 +204,9 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
     )
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     core = accelerator.unwrap_model(model)
+    ema = EMAModel(trained, decay=stage.ema_decay) if stage.ema_decay > 0 else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
     text_flow = pipe.text_flow
     empty = dataset.empty_prompt_embeds.to(accelerator.device)
 
@@ -253,6 +258,8 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
                     optimizer.zero_grad()
                 if not accelerator.sync_gradients:
                     continue
+                if ema is not None:
+                    ema.step(trained)
                 step += 1
                 seconds = time.perf_counter() - started
                 record = log_step(accelerator, parts, grad_norm, scheduler, step, seconds, batch, ids, global_batch)
@@ -262,12 +269,15 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
                     accelerator.log(record, step=step)
                 progress.update(task, completed=step, info=f"loss {record['loss']:.4f}  {record['tokens_per_s']:.0f} tok/s")
                 if stage.validate_every and step % stage.validate_every == 0 and step < stage.max_steps:
-                    validate(accelerator, pipe, core, recipe, stage, data, root, step)
+                    with averaged(ema, trained):
+                        validate(accelerator, pipe, core, recipe, stage, data, root, step)
                 if step % stage.checkpoint_every == 0 or step == stage.max_steps:
                     save_checkpoint(accelerator, root, step, stage.keep_checkpoints)
                 if step >= stage.max_steps:
                     break
 
+    if ema is not None:
+        ema.copy_to(trained)  # the model a stage hands on is the average
     validate(accelerator, pipe, core, recipe, stage, data, root, step)
     if accelerator.is_main_process:
         final = core
@@ -280,6 +290,20 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return root / "model"
+
+
+@contextmanager
+def averaged(ema, params):
+    """Inside: the EMA weights (when there is an EMA); after: the trained weights again."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
 
 
 def log_step(accelerator, parts, grad_norm, scheduler, step, seconds, batch, ids, global_batch) -> dict:
