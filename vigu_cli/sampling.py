@@ -205,10 +205,10 @@ BatchCall = Callable[[int, int, list, Callable[[int, int], None]], UniViGUPipeli
 
 @contextmanager
 def progress_bar(console: Console) -> Iterator[Progress]:
-    """Progress bars on the console (stderr): stdout keeps only the results."""
+    """Progress bars on the console (stderr; shown on a terminal only): stdout keeps only the results."""
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-        TimeRemainingColumn(), console=console, transient=True,
+        TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal,
     )
     with progress:
         yield progress
