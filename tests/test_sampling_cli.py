@@ -83,8 +83,9 @@ def no_temporary_files(folder: Path) -> bool:
 
 def test_generate_writes_an_mp4_and_a_sidecar_per_prompt(vigu, model_dir, tmp_path):
     out = tmp_path / "gen"
-    run = vigu("generate", *PROMPTS[:2], "--model", model_dir, "--out", out, "--batch", "2", "--seed", "7",
-               "--steps", "3", "--solver", "heun", "--guidance-video", "2.5")
+    (tmp_path / "prompts.txt").write_text(f"\n{PROMPTS[1]}\n\n")  # arguments first, then the file's lines
+    run = vigu("generate", PROMPTS[0], "--prompts-file", tmp_path / "prompts.txt", "--model", model_dir, "--out", out,
+               "--batch", "2", "--seed", "7", "--steps", "3", "--solver", "heun", "--guidance-video", "2.5")
     assert run.code == 0, run.stderr
     names = ["000-a-red-circle-moving-left", "001-a-blue-square-staying-still"]
     assert run.lines == [str(out / f"{name}.mp4") for name in names]
@@ -97,6 +98,12 @@ def test_generate_writes_an_mp4_and_a_sidecar_per_prompt(vigu, model_dir, tmp_pa
             "guidance_video": 2.5, "text_stream": "prompt", "fps": 8, "model": str(model_dir), "batch": 2}
         assert sidecar["shift"] == 3.0 and sidecar["guidance_text"] == 1.0 and sidecar["seconds"] > 0
     assert no_temporary_files(out)
+
+    plain = vigu("generate", PROMPTS[0], "--model", model_dir, "--out", tmp_path / "plain", "--seed", "7", "--steps", "3",
+                 "--solver", "heun", "--guidance-video", "2.5", "--text-stream", "none", "--json")
+    record = json.loads(plain.stdout)
+    assert record["text_stream"] == "none"  # plain Wan: no text tokens, so another video from the same noise
+    assert not np.array_equal(read_video(record["video"]), read_video(out / f"{names[0]}.mp4"))
 
 
 def test_caption_of_an_mp4_equals_pipeline_caption_on_the_same_tensor(vigu, model_dir, clip_path, tmp_path):
@@ -111,8 +118,10 @@ def test_caption_of_an_mp4_equals_pipeline_caption_on_the_same_tensor(vigu, mode
     assert (tmp_path / "cap" / "000-clip.txt").read_text() == expected + "\n"
     assert json.loads((tmp_path / "cap" / "000-clip.json").read_text()) == record
 
-    plain = vigu("caption", clip_path, "--model", model_dir, "--seed", "3", "--hint", "a red circle moving left")
-    assert plain.code == 0 and len(plain.lines) == 1 and plain.lines[0] != expected  # the hint conditions
+    (tmp_path / "clips.txt").write_text(f"{clip_path}\n")
+    hinted = vigu("caption", "--clips-file", tmp_path / "clips.txt", "--model", model_dir, "--seed", "3",
+                  "--hint", "a red circle moving left")
+    assert hinted.code == 0 and len(hinted.lines) == 1 and hinted.lines[0] != expected  # the hint conditions
 
 
 def test_joint_on_the_command_line_writes_mp4_caption_and_sidecar(model_dir, tmp_path):

@@ -113,7 +113,7 @@ def train(
 # ----------------------------------------------------------------------------------------------------
 
 SAMPLING_OPTIONS = {  # name: (annotation, default); a command receives them as one SamplingOptions
-    "model": (Annotated[str, typer.Option(
+    "model": (Annotated[Optional[str], typer.Option(
         "--model", "-m", help="A vigu folder, or a stock Wan2.1 diffusers folder (converted on the fly with --recipe); "
         "default: the demo's model, runs/demo/model.")], None),
     "recipe": (RecipeOpt, "world-tiny"),

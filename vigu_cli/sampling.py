@@ -199,7 +199,7 @@ class Sample:
     seconds: float  # wall time of its batch, divided by the batch size
 
 
-# call(start, stop, generators, callback) -> the pipeline's output for inputs start..stop-1
+# call(start, stop, generators, callback) -> the pipeline's output for the inputs start..stop-1
 BatchCall = Callable[[int, int, list, Callable[[int, int], None]], UniViGUPipelineOutput]
 
 
@@ -257,16 +257,15 @@ def sample_record(pipe: UniViGUPipeline, options: SamplingOptions, mode: str, sa
     }
 
 
-def write_sample(out: Path, name: str, record: dict, video: Optional[np.ndarray] = None, fps: int = 8) -> dict:
-    """`<name>.mp4` (a video), `<name>.txt` (a caption) and `<name>.json` (the sidecar, last), each
-    written atomically; returns the record with the written paths."""
+def write_sample(out: Path, name: str, record: dict, video: Optional[np.ndarray], fps: int) -> None:
+    """`<name>.mp4` (a video; its path goes into `record`), `<name>.txt` (a caption) and `<name>.json`
+    (the sidecar, last), each written atomically."""
     if video is not None:
         record["video"] = str(out / f"{name}.mp4")
         write_video(record["video"], video, fps)
     if record.get("caption") is not None:
         write_text(out / f"{name}.txt", record["caption"] + "\n")
     write_json(out / f"{name}.json", record)
-    return record
 
 
 def run_command(
