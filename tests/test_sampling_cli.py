@@ -189,6 +189,7 @@ def test_discrete_jumps_draw_per_sample_with_a_list_of_generators():
 @pytest.fixture(scope="session")
 def bad_clips(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bad")
+    (folder / "empty.txt").write_text("\n  \n")
     (folder / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video" * 20)
     write_video(folder / "short.mp4", world.render(world.sample_clip(np.random.default_rng(0), 16, 16, 4)), 8)
     return folder
@@ -218,6 +219,8 @@ BAD = {
     "missing prompts file": (["generate", "--prompts-file", "{bad}/prompts.txt"],
                              "error: {bad}/prompts.txt: no such prompts file; check the path"),
     "no prompt": (["joint"], "error: no prompt given: pass one or more PROMPT arguments or --prompts-file FILE"),
+    "empty clips file": (["caption", "--clips-file", "{bad}/empty.txt"],
+                         "error: {bad}/empty.txt: holds no clips; write one clip per line"),
 }
 
 

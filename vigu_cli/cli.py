@@ -228,14 +228,13 @@ def evaluate(
 ) -> None:
     """Score a model: captioning, prompt following, joint coherence, BLEU-4 / ROUGE-L / CIDEr."""
     from .data.manifest import write_json
-    from .run_eval import attribute_table, parse_steps, run_eval, steps_table
+    from .run_eval import parse_steps, run_eval, tables
 
     report = run_eval(options, data, items, parse_steps(steps), console, sheet)
     if json_out is not None:
         write_json(json_out, report)
-    stdout = Console(soft_wrap=True)
-    stdout.print(steps_table(report))
-    stdout.print(attribute_table(report))
+    for table in tables(report):
+        Console(soft_wrap=True).print(table)
 
 
 def main() -> None:

@@ -36,8 +36,8 @@ from .data.cache import read_info
 from .data.manifest import MANIFEST, is_validation, read_lines
 from .data.video_io import frames_to_tensor, load_clip
 from .errors import VigUError
-from .sampling import (SamplingOptions, check_clips, check_vocabulary, clip_shape, load_model, progress_bar,
-                       sample_batches)
+from .sampling import (SamplingOptions, batch_call, check_clips, check_vocabulary, clip_shape, load_model,
+                       progress_bar, sample_batches)
 
 EVAL_STREAM = 0x5EED_E7A1  # first word of the world eval set's seeds; build-dataset seeds item i with [seed, i]
 SHEET_ITEMS = 6  # items shown on the contact sheet (three rows each: caption, generate, joint)
@@ -127,30 +127,23 @@ def run_eval(
               "sampling": {**settings, "seed": options.seed, "batch": options.batch, "device": str(pipe.device),
                            "dtype": str(pipe.transformer.dtype).removeprefix("torch.")},
               "results": []}
-    calls = {
-        "caption": lambda start, stop, generators, callback, **s: pipe.caption(
-            torch.stack([frames_to_tensor(item.load()) for item in items[start:stop]]), generator=generators,
-            callback=callback, **s),
-        "generate": lambda start, stop, generators, callback, **s: pipe.generate(
-            prompts[start:stop], generator=generators, callback=callback, **s),
-        "joint": lambda start, stop, generators, callback, **s: pipe.joint(
-            prompts[start:stop], generator=generators, callback=callback, **s),
-    }
+    clips = lambda start, stop: torch.stack([frames_to_tensor(item.load()) for item in items[start:stop]])  # noqa: E731
     modes = ["caption"] + (["generate", "joint"] if prompted else [])
     with progress_bar(console) as progress:
-        for count_steps in steps:
-            run = dataclasses.replace(options, steps=count_steps)
+        for step_count in steps:
+            run = dataclasses.replace(options, steps=step_count)
             row, outputs = {"steps": pipe.sampling_settings(**run.overrides())["steps"]}, {}
             for mode in modes:
-                call = functools.partial(calls[mode], **run.overrides())
+                call = batch_call(pipe, mode, run.overrides(), prompts, clips)
+                label = f"{mode} · {row['steps']} steps"
                 began = time.perf_counter()
-                outputs[mode] = collect(sample_batches(pipe, run, len(items), call, progress, f"{mode} · {row['steps']} steps"))
+                outputs[mode] = collect(sample_batches(pipe, run, len(items), call, progress, label))
                 row.setdefault("seconds_per_item", {})[mode] = round((time.perf_counter() - began) / len(items), 4)
-            captions = outputs["caption"]["texts"]
+            captions, joint = outputs["caption"]["texts"], outputs.get("joint")
             row["caption"] = evaluate.caption_accuracy(captions, [item.truth for item in items]) if judged else None
             row["text"] = evaluate.text_scores(captions, references)
             row["generation"] = evaluate.prompt_following(outputs["generate"]["measured"], prompts) if prompted else None
-            row["joint"] = evaluate.caption_coherence(outputs["joint"]["measured"], outputs["joint"]["texts"]) if prompted else None
+            row["joint"] = evaluate.caption_coherence(joint["measured"], joint["texts"]) if prompted else None
             report["results"].append(row)
     if sheet is not None:
         report["sheet"] = [str(p) for p in write_contact_sheet(sheet, sheet_rows(items, outputs), sheet_title(report))]
@@ -221,3 +214,9 @@ def steps_table(report: dict) -> Table:
             _cell(row["text"], "rouge_l"), _cell(row["text"], "cider"), f"{sum(row['seconds_per_item'].values()):.2f}",
         )
     return table
+
+
+def tables(report: dict) -> list[Table]:
+    """The curve, then the per-attribute table where the world's judge scored anything."""
+    judged = any(report["results"][-1][key] is not None for key in ("caption", "generation", "joint"))
+    return [steps_table(report)] + ([attribute_table(report)] if judged else [])

@@ -131,7 +131,10 @@ def read_inputs(given: Optional[list[str]], file: Optional[str], what: str) -> l
         path = Path(file)
         if not path.is_file():
             raise VigUError(f"{path}: no such {what}s file; check the path")
-        items += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            raise VigUError(f"{path}: holds no {what}s; write one {what} per line")
+        items += lines
     if not items:
         raise VigUError(f"no {what} given: pass one or more {what.upper()} arguments or --{what}s-file FILE")
     return items
@@ -201,6 +204,18 @@ class Sample:
 
 # call(start, stop, generators, callback) -> the pipeline's output for the inputs start..stop-1
 BatchCall = Callable[[int, int, list, Callable[[int, int], None]], UniViGUPipelineOutput]
+
+
+def batch_call(pipe: UniViGUPipeline, mode: str, overrides: dict, prompts: Optional[list[str]] = None,
+               clips: Optional[Callable[[int, int], torch.Tensor]] = None, **mode_options) -> BatchCall:
+    """A mode's pipeline call on inputs start..stop-1: `prompts[start:stop]` (generate, joint) or
+    `clips(start, stop)`, a `[B, 3, F, H, W]` batch (caption)."""
+
+    def call(start, stop, generators, callback):
+        given = clips(start, stop) if mode == "caption" else prompts[start:stop]
+        return getattr(pipe, mode)(given, generator=generators, callback=callback, **overrides, **mode_options)
+
+    return call
 
 
 @contextmanager
@@ -297,11 +312,7 @@ def caption_clips(options: SamplingOptions, clips, clips_file, hint: Optional[st
     pipe = load_model(options)
     check_vocabulary(pipe, [hint] if hint else [])
     check_clips(pipe, paths)
-
-    def call(start, stop, generators, callback):
-        return pipe.caption(clip_batch(pipe, paths[start:stop]), hint=hint, generator=generators, callback=callback,
-                            **options.overrides())
-
+    call = batch_call(pipe, "caption", options.overrides(), clips=lambda a, b: clip_batch(pipe, paths[a:b]), hint=hint)
     describe = lambda i: {"clip": paths[i], "hint": hint}  # noqa: E731
     return run_command(pipe, options, "caption", [Path(p).stem for p in paths], call, describe, out, console)
 
@@ -315,11 +326,7 @@ def generate_clips(options: SamplingOptions, prompts, prompts_file, text_stream:
     pipe = load_model(options)
     check_vocabulary(pipe, prompts)
     stream = text_stream or pipe.config.generate_text
-
-    def call(start, stop, generators, callback):
-        return pipe.generate(prompts[start:stop], generator=generators, callback=callback, text_stream=stream,
-                             **options.overrides())
-
+    call = batch_call(pipe, "generate", options.overrides(), prompts, text_stream=stream)
     describe = lambda i: {"prompt": prompts[i], "text_stream": stream}  # noqa: E731
     return run_command(pipe, options, "generate", prompts, call, describe, out, console)
 
@@ -329,9 +336,6 @@ def joint_clips(options: SamplingOptions, prompts, prompts_file, out: str, conso
     prompts = read_inputs(prompts, prompts_file, "prompt")
     pipe = load_model(options)
     check_vocabulary(pipe, prompts)
-
-    def call(start, stop, generators, callback):
-        return pipe.joint(prompts[start:stop], generator=generators, callback=callback, **options.overrides())
-
+    call = batch_call(pipe, "joint", options.overrides(), prompts)
     describe = lambda i: {"prompt": prompts[i]}  # noqa: E731
     return run_command(pipe, options, "joint", prompts, call, describe, out, console)
