@@ -22,8 +22,9 @@ test: venv
 test-slow: venv
 	$(PY) -m pytest -q -m slow
 
+# Resumable: a second `make demo` reuses every finished step (scripts/demo.sh says what it skips).
 demo: venv
-	$(VENV)/bin/vigu demo
+	VIGU="$(abspath $(VENV))/bin/vigu" PYTHON="$(abspath $(PY))" bash scripts/demo.sh
 
 clean:
 	rm -rf $(VENV) runs/demo

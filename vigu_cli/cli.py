@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+import json
 import sys
-from typing import Annotated, Optional
+from typing import Annotated, Optional, get_type_hints
 
 import typer
 from rich.console import Console
@@ -25,12 +28,6 @@ RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="Recipe name (see
 SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", help="Override a recipe value: section.key=value (repeatable).")
 ]
-
-
-def not_built(command: str, version: str, issue: int) -> None:
-    """Unbuilt commands say so and fail; they never print made-up output."""
-    console.print(f"error: `vigu {command}` is not built yet: it arrives in vigu {version} (issue #{issue}).")
-    raise typer.Exit(2)
 
 
 @app.command()
@@ -111,28 +108,133 @@ def train(
     console.print(f"wrote {run(loaded, stage, resume=resume)}")
 
 
-@app.command()
-def caption() -> None:
-    """Video understanding: write a detailed caption for each clip."""
-    not_built("caption", "0.4", 6)
+# ----------------------------------------------------------------------------------------------------
+# The sampling commands: caption, generate, joint (and eval) share one set of options
+# ----------------------------------------------------------------------------------------------------
+
+SAMPLING_OPTIONS = {  # name: (annotation, default); a command receives them as one SamplingOptions
+    "model": (Annotated[Optional[str], typer.Option(
+        "--model", "-m", help="A vigu folder, or a stock Wan2.1 diffusers folder (converted on the fly with --recipe); "
+        "default: the demo's model, runs/demo/model.")], None),
+    "recipe": (RecipeOpt, "world-tiny"),
+    "steps": (Annotated[Optional[int], typer.Option("--steps", help="Solver steps (default: the model's).")], None),
+    "solver": (Annotated[Optional[str], typer.Option("--solver", help="euler | heun (default: the model's).")], None),
+    "shift": (Annotated[Optional[float], typer.Option("--shift", help="Time-grid shift (default: the model's).")], None),
+    "guidance_video": (Annotated[Optional[float], typer.Option(
+        "--guidance-video", help="Classifier-free guidance scale of the video stream (default: the model's).")], None),
+    "guidance_text": (Annotated[Optional[float], typer.Option(
+        "--guidance-text", help="Classifier-free guidance scale of the text stream (default: the model's).")], None),
+    "seed": (Annotated[int, typer.Option("--seed", help="Sample i uses seed + i, whatever the batch.")], 0),
+    "batch": (Annotated[int, typer.Option("--batch", "-b", help="Samples per solver call.")], 1),
+    "device": (Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")], "auto"),
+    "dtype": (Annotated[str, typer.Option(
+        "--dtype", help="auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16")], "auto"),
+}
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line (the sidecar) instead of plain text.")]
+
+
+def sampling_options(*skip: str, **defaults):
+    """Decorator: give a command the shared options (but `skip`; `defaults` replace theirs); it receives
+    them as one `SamplingOptions` named `options`."""
+
+    def decorate(command):
+        names = [name for name in SAMPLING_OPTIONS if name not in skip]
+        hints = get_type_hints(command, include_extras=True)
+        own = [p.replace(annotation=hints[p.name]) for p in inspect.signature(command).parameters.values()
+               if p.name != "options"]
+        shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=SAMPLING_OPTIONS[name][0],
+                                    default=defaults.get(name, SAMPLING_OPTIONS[name][1])) for name in names]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            from .sampling import SamplingOptions
+
+            options = SamplingOptions(**{name: kwargs.pop(name) for name in names})
+            return command(options=options, **kwargs)
+
+        wrapper.__signature__ = inspect.Signature(own + shared)
+        wrapper.__annotations__ = {p.name: p.annotation for p in own + shared}
+        return wrapper
+
+    return decorate
+
+
+def emit(records, as_json: bool, text) -> None:
+    """Results on stdout, one line each, as they are done (progress and messages go to stderr)."""
+    for record in records:
+        print(json.dumps(record, ensure_ascii=False) if as_json else text(record), flush=True)
 
 
 @app.command()
-def generate() -> None:
-    """Text-to-video: generate a clip for each prompt."""
-    not_built("generate", "0.4", 6)
+@sampling_options()
+def caption(
+    options,
+    clips: Annotated[Optional[list[str]], typer.Argument(help="Video files, fitted to the model's shape.")] = None,
+    clips_file: Annotated[Optional[str], typer.Option("--clips-file", help="A file of video paths, one per line.")] = None,
+    hint: Annotated[Optional[str], typer.Option("--hint", help="A brief prompt to condition on (paper stage 2).")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Also write <index>-<clip>.txt/.json here.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Video understanding: a detailed caption for each clip, one per line on stdout."""
+    from .sampling import caption_clips
+
+    emit(caption_clips(options, clips, clips_file, hint, out, console), json_, lambda r: r["caption"])
 
 
 @app.command()
-def joint() -> None:
-    """Joint generation: a clip and its detailed caption together, both from noise."""
-    not_built("joint", "0.4", 6)
+@sampling_options()
+def generate(
+    options,
+    prompts: Annotated[Optional[list[str]], typer.Argument(help="Brief prompts, e.g. \"a red circle moving left\".")] = None,
+    prompts_file: Annotated[Optional[str], typer.Option("--prompts-file", help="A file of prompts, one per line.")] = None,
+    text_stream: Annotated[Optional[str], typer.Option(
+        "--text-stream", help="prompt (the clean prompt rides in the text stream) | none (plain Wan)")] = None,
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder of <index>-<slug>.mp4 + .json sidecars.")] = "runs/generate",
+    json_: JsonOpt = False,
+) -> None:
+    """Text-to-video: a clip for each prompt; prints the written mp4 paths."""
+    from .sampling import generate_clips
+
+    emit(generate_clips(options, prompts, prompts_file, text_stream, out, console), json_, lambda r: r["video"])
+
+
+@app.command()
+@sampling_options()
+def joint(
+    options,
+    prompts: Annotated[Optional[list[str]], typer.Argument(help="Brief prompts, e.g. \"a red circle moving left\".")] = None,
+    prompts_file: Annotated[Optional[str], typer.Option("--prompts-file", help="A file of prompts, one per line.")] = None,
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder of <index>-<slug>.mp4/.txt/.json.")] = "runs/joint",
+    json_: JsonOpt = False,
+) -> None:
+    """Joint generation: a clip and its detailed caption together, both from noise; prints `mp4<TAB>caption`."""
+    from .sampling import joint_clips
+
+    emit(joint_clips(options, prompts, prompts_file, out, console), json_, lambda r: f"{r['video']}\t{r['caption']}")
 
 
 @app.command("eval")
-def evaluate() -> None:
+@sampling_options("steps", batch=16)
+def evaluate(
+    options,
+    data: Annotated[Optional[str], typer.Option(
+        "--data", help="A built dataset: its held-out split, its captions the references (default: fresh world clips).")] = None,
+    items: Annotated[Optional[int], typer.Option(
+        "--items", "-n", help="Items to score (default: 200 fresh world clips drawn with --seed; all of --data's).")] = None,
+    steps: Annotated[Optional[str], typer.Option(
+        "--steps", help="Solver steps, or a list (5,10,25,50) for the accuracy-vs-steps curve (default: the model's).")] = None,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the report to this JSON file.")] = None,
+    sheet: Annotated[Optional[str], typer.Option("--sheet", help="Write a contact sheet, PATH.html and PATH.png.")] = None,
+) -> None:
     """Score a model: captioning, prompt following, joint coherence, BLEU-4 / ROUGE-L / CIDEr."""
-    not_built("eval", "0.4", 6)
+    from .data.manifest import write_json
+    from .run_eval import parse_steps, run_eval, tables
+
+    report = run_eval(options, data, items, parse_steps(steps), console, sheet)
+    if json_out is not None:
+        write_json(json_out, report)
+    for table in tables(report):
+        Console(soft_wrap=True).print(table)
 
 
 def main() -> None:

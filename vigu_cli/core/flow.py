@@ -68,6 +68,17 @@ def draw(fn, size: tuple[int, ...], batch_slice: Optional[tuple[int, int]] = Non
     return fn(size=(total, *size[1:]), **kwargs)[start : start + size[0]]
 
 
+def draw_per_sample(fn, size: tuple[int, ...], generator=None, **kwargs) -> torch.Tensor:
+    """`fn(size=..., **kwargs)` with one generator for the batch, or (diffusers' convention) a list of
+    generators, one per sample, each drawing its own row: a sample's draws then do not depend on the
+    batch it is sampled in."""
+    if isinstance(generator, list):
+        if len(generator) != size[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {size[0]}")
+        return torch.cat([fn(size=(1, *size[1:]), generator=g, **kwargs) for g in generator])
+    return fn(size=size, generator=generator, **kwargs)
+
+
 def sample_sigmas(
     batch: int, cfg: FlowSection, generator: Optional[torch.Generator] = None, device=None,
     batch_slice: Optional[tuple[int, int]] = None,

@@ -11,6 +11,8 @@ different stream frozen (DESIGN.md section 6):
 - `joint(prompt)`: both from noise, coupled through the shared attention.
 
 Prompt encoding, latent preparation and the stock text-to-video `__call__` are WanPipeline's own.
+`generator` is one `torch.Generator` or, as in diffusers, a list of one per sample: each sample's
+noise (and discrete text jumps) then come from its own generator, whatever batch it is in.
 """
 
 from __future__ import annotations
@@ -161,7 +163,9 @@ class UniViGUPipeline(WanPipeline):
         )
         return (video.float() if video is not None else None, text.float() if text is not None else None)
 
-    def _settings(self, overrides: dict) -> dict:
+    def sampling_settings(self, **overrides) -> dict:
+        """The solver settings a call uses: the model's defaults (its config and scheduler shift) with
+        the overrides that are not None."""
         unknown = set(overrides) - {"steps", "solver", "shift", "guidance_video", "guidance_text"}
         if unknown:
             raise TypeError(f"unknown sampling setting(s): {', '.join(sorted(unknown))}")
@@ -174,7 +178,7 @@ class UniViGUPipeline(WanPipeline):
         return merged
 
     def _solve(self, video, text, prompts, generator, callback, settings):
-        s = self._settings(settings)
+        s = self.sampling_settings(**settings)
         device = self._execution_device
         condition = self.encode_condition(prompts, device)
         guided = s["guidance_video"] > 1.0 or s["guidance_text"] > 1.0
@@ -209,7 +213,7 @@ class UniViGUPipeline(WanPipeline):
     def generate(
         self,
         prompt: str | list[str],
-        generator: Optional[torch.Generator] = None,
+        generator: Optional[torch.Generator | list[torch.Generator]] = None,
         text_stream: Optional[str] = None,
         output_type: str = "np",
         callback: Optional[Callable[[int, int], None]] = None,
@@ -234,7 +238,7 @@ class UniViGUPipeline(WanPipeline):
         self,
         video: torch.Tensor,
         hint: Optional[str | list[str]] = None,
-        generator: Optional[torch.Generator] = None,
+        generator: Optional[torch.Generator | list[torch.Generator]] = None,
         callback: Optional[Callable[[int, int], None]] = None,
         **settings,
     ) -> UniViGUPipelineOutput:
@@ -251,7 +255,7 @@ class UniViGUPipeline(WanPipeline):
     def joint(
         self,
         prompt: str | list[str],
-        generator: Optional[torch.Generator] = None,
+        generator: Optional[torch.Generator | list[torch.Generator]] = None,
         output_type: str = "np",
         callback: Optional[Callable[[int, int], None]] = None,
         **settings,

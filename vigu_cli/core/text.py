@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .flow import _broadcast, draw, interpolate, per_sample_mse, predicted_data, velocity_target
+from .flow import _broadcast, draw, draw_per_sample, interpolate, per_sample_mse, predicted_data, velocity_target
 
 # ----------------------------------------------------------------------------------------------------
 # Tokens
@@ -117,7 +117,7 @@ class EmbeddingTextFlow(TextFlow):
 
     def noise(self, model, batch, length, generator=None, device=None):
         dim = model.config.text_latent_dim
-        return torch.randn(batch, length, dim, generator=generator, device=device)
+        return draw_per_sample(torch.randn, (batch, length, dim), generator, device=device)
 
     def sample_noisy(self, model, ids, sigma, generator=None, batch_slice=None):
         clean = self.clean(model, ids)
@@ -157,7 +157,7 @@ class DiscreteTextFlow(TextFlow):
     def noise(self, model, batch, length, generator=None, device=None):
         if self.mask_token_id is not None:
             return torch.full((batch, length), self.mask_token_id, dtype=torch.long, device=device)
-        return torch.randint(0, self.vocab_size, (batch, length), generator=generator, device=device)
+        return draw_per_sample(torch.randint, (batch, length), generator, low=0, high=self.vocab_size, device=device)
 
     def sample_noisy(self, model, ids, sigma, generator=None, batch_slice=None):
         if self.mask_token_id is not None:
@@ -174,13 +174,16 @@ class DiscreteTextFlow(TextFlow):
         """Euler jump of the mixture path: draw x1 ~ softmax(logits); a token that differs jumps to it
         with probability 1 - exp(-h * kappa' / (1 - kappa)); the last step takes the draw."""
         probs = prediction.double().softmax(-1)
-        draw = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(x.shape)
+        if isinstance(generator, list):  # one generator per sample
+            draw = torch.stack([torch.multinomial(p, 1, generator=g)[:, 0] for p, g in zip(probs, generator, strict=True)])
+        else:
+            draw = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(x.shape)
         if float(sigma_next) <= 0.0:
             return draw
         tau, h = 1.0 - float(sigma), float(sigma - sigma_next)
         kappa = tau**self.exponent
         rate = self.exponent * tau ** (self.exponent - 1) / max(1.0 - kappa, 1e-12)
-        jump = torch.rand(x.shape, generator=generator, device=x.device) < 1.0 - math.exp(-h * rate)
+        jump = draw_per_sample(torch.rand, tuple(x.shape), generator, device=x.device) < 1.0 - math.exp(-h * rate)
         return torch.where(jump & (draw != x), draw, x)
 
     def decode(self, model, x):

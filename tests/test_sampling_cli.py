@@ -1,0 +1,284 @@
+"""`vigu caption`, `vigu generate`, `vigu joint` and `vigu eval` end to end on a tiny model.
+
+Most runs call the CLI's `main()` in this process (the same code as `python -m vigu_cli`, without
+the ~4 s of imports per run); one test runs it as a subprocess.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_recipe
+from vigu_cli import cli
+from vigu_cli.build_dataset import build_dataset
+from vigu_cli.core.convert import load_pipeline, save_folder
+from vigu_cli.core.pipeline import UniViGUPipeline
+from vigu_cli.core.text import DiscreteTextFlow
+from vigu_cli.data import world
+from vigu_cli.data.video_io import frames_to_tensor, load_clip, read_video, write_video
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["a red circle moving left", "a blue square staying still", "a green triangle moving up"]
+
+
+@pytest.fixture(scope="session")
+def model_dir(tiny_wan_dir, tmp_path_factory):
+    """A tiny vigu folder whose weights are nudged off their init, so that the text stream says something."""
+    pipe = load_pipeline(tiny_wan_dir, tiny_recipe())
+    torch.manual_seed(1)
+    for p in pipe.transformer.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    return save_folder(pipe, tmp_path_factory.mktemp("model") / "vigu")
+
+
+@pytest.fixture(scope="session")
+def clip_path(tmp_path_factory):
+    """A world clip at another canvas and length than the model's (24 x 20 x 12 vs 16 x 16 x 9)."""
+    path = tmp_path_factory.mktemp("clips") / "clip.mp4"
+    write_video(path, world.render(world.sample_clip(np.random.default_rng(5), 24, 20, 12)), 8)
+    return path
+
+
+class Run:
+    def __init__(self, code, out, err):
+        self.code, self.stdout, self.stderr = code, out, err
+
+    @property
+    def lines(self):
+        return self.stdout.splitlines()
+
+
+@pytest.fixture
+def vigu(capsys, monkeypatch):
+    """`vigu ARGS...` through the CLI's `main()`: exit code, stdout, stderr."""
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["vigu", *map(str, args)])
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as exit:
+            code = exit.code or 0
+        captured = capsys.readouterr()
+        return Run(code, captured.out, captured.err)
+
+    return run
+
+
+def no_temporary_files(folder: Path) -> bool:
+    return not [p for p in folder.rglob("*") if ".tmp" in p.name]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Each command end to end
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_generate_writes_an_mp4_and_a_sidecar_per_prompt(vigu, model_dir, tmp_path):
+    out = tmp_path / "gen"
+    (tmp_path / "prompts.txt").write_text(f"\n{PROMPTS[1]}\n\n")  # arguments first, then the file's lines
+    run = vigu("generate", PROMPTS[0], "--prompts-file", tmp_path / "prompts.txt", "--model", model_dir, "--out", out,
+               "--batch", "2", "--seed", "7", "--steps", "3", "--solver", "heun", "--guidance-video", "2.5")
+    assert run.code == 0, run.stderr
+    names = ["000-a-red-circle-moving-left", "001-a-blue-square-staying-still"]
+    assert run.lines == [str(out / f"{name}.mp4") for name in names]
+    for i, name in enumerate(names):
+        assert read_video(out / f"{name}.mp4").shape == (9, 16, 16, 3)  # the model's shape
+        sidecar = json.loads((out / f"{name}.json").read_text())
+        assert {k: sidecar[k] for k in ("mode", "prompt", "index", "seed", "steps", "solver", "guidance_video",
+                                         "text_stream", "fps", "model", "batch")} == {
+            "mode": "generate", "prompt": PROMPTS[i], "index": i, "seed": 7 + i, "steps": 3, "solver": "heun",
+            "guidance_video": 2.5, "text_stream": "prompt", "fps": 8, "model": str(model_dir), "batch": 2}
+        assert sidecar["shift"] == 3.0 and sidecar["guidance_text"] == 1.0 and sidecar["seconds"] > 0
+    assert no_temporary_files(out)
+
+    plain = vigu("generate", PROMPTS[0], "--model", model_dir, "--out", tmp_path / "plain", "--seed", "7", "--steps", "3",
+                 "--solver", "heun", "--guidance-video", "2.5", "--text-stream", "none", "--json")
+    record = json.loads(plain.stdout)
+    assert record["text_stream"] == "none"  # plain Wan: no text tokens, so another video from the same noise
+    assert not np.array_equal(read_video(record["video"]), read_video(out / f"{names[0]}.mp4"))
+
+
+def test_caption_of_an_mp4_equals_pipeline_caption_on_the_same_tensor(vigu, model_dir, clip_path, tmp_path):
+    run = vigu("caption", clip_path, "--model", model_dir, "--seed", "3", "--json", "--out", tmp_path / "cap")
+    assert run.code == 0, run.stderr
+    [record] = [json.loads(line) for line in run.lines]
+    pipe = UniViGUPipeline.from_pretrained(model_dir, local_files_only=True)
+    clip = frames_to_tensor(load_clip(clip_path, 9, 16, 16))[None]  # fitted as build-dataset fits clips
+    expected = pipe.caption(clip, generator=torch.Generator().manual_seed(3)).texts[0]
+    assert record["caption"] == expected and expected.strip()
+    assert record["clip"] == str(clip_path) and record["hint"] is None and record["seed"] == 3
+    assert (tmp_path / "cap" / "000-clip.txt").read_text() == expected + "\n"
+    assert json.loads((tmp_path / "cap" / "000-clip.json").read_text()) == record
+
+    (tmp_path / "clips.txt").write_text(f"{clip_path}\n")
+    hinted = vigu("caption", "--clips-file", tmp_path / "clips.txt", "--model", model_dir, "--seed", "3",
+                  "--hint", "a red circle moving left")
+    assert hinted.code == 0 and len(hinted.lines) == 1 and hinted.lines[0] != expected  # the hint conditions
+
+
+def test_joint_on_the_command_line_writes_mp4_caption_and_sidecar(model_dir, tmp_path):
+    """The one subprocess run: `python -m vigu_cli joint`; stdout is `mp4<TAB>caption`, stderr stays quiet."""
+    out = tmp_path / "joint"
+    run = subprocess.run([sys.executable, "-m", "vigu_cli", "joint", PROMPTS[0], "--model", str(model_dir), "--out",
+                          str(out)], cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == ""
+    video, caption = run.stdout.rstrip("\n").split("\t")
+    name = "000-a-red-circle-moving-left"
+    assert video == str(out / f"{name}.mp4") and read_video(video).shape == (9, 16, 16, 3)
+    assert (out / f"{name}.txt").read_text() == caption + "\n"
+    sidecar = json.loads((out / f"{name}.json").read_text())
+    assert sidecar["mode"] == "joint" and sidecar["caption"] == caption and sidecar["prompt"] == PROMPTS[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Determinism
+# ----------------------------------------------------------------------------------------------------
+
+
+def joint_outputs(vigu, model_dir, out, *args):
+    run = vigu("joint", *PROMPTS, "--model", model_dir, "--out", out, *args)
+    assert run.code == 0, run.stderr
+    rows = [line.split("\t") for line in run.lines]
+    return [read_video(video).astype(int) for video, _ in rows], [caption for _, caption in rows]
+
+
+def test_same_seed_same_output_whatever_the_batch(vigu, model_dir, tmp_path):
+    """Sample i draws from its own generator (seed + i). Same batch: the same bits. Another batch: the
+    same captions and frames (bit-identical on this machine; BLAS may pick other kernels for other
+    matrix shapes, so the check allows a stray pixel), where another seed changes everything."""
+    videos, captions = joint_outputs(vigu, model_dir, tmp_path / "a", "--batch", "3", "--seed", "11")
+    again, again_captions = joint_outputs(vigu, model_dir, tmp_path / "b", "--batch", "3", "--seed", "11")
+    assert captions == again_captions and all(np.array_equal(x, y) for x, y in zip(videos, again))
+
+    single, single_captions = joint_outputs(vigu, model_dir, tmp_path / "c", "--batch", "1", "--seed", "11")
+    assert single_captions == captions
+    assert all(np.mean(x != y) < 0.01 for x, y in zip(videos, single))
+
+    other, other_captions = joint_outputs(vigu, model_dir, tmp_path / "d", "--batch", "3", "--seed", "12")
+    assert other_captions != captions and all(np.mean(x != y) > 0.5 for x, y in zip(videos, other))
+
+
+def test_discrete_jumps_draw_per_sample_with_a_list_of_generators():
+    flow = DiscreteTextFlow(vocab_size=11)
+    logits = torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(0))
+    state = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(1))
+    seeds = [4, 5, 6]
+    for sigma_next in (0.4, 0.0):  # a jump, and the last step's draw
+        together = flow.step(state, logits, 0.6, sigma_next, [torch.Generator().manual_seed(s) for s in seeds])
+        alone = [flow.step(state[i : i + 1], logits[i : i + 1], 0.6, sigma_next, [torch.Generator().manual_seed(s)])
+                 for i, s in enumerate(seeds)]
+        assert torch.equal(together, torch.cat(alone))
+    noise = flow.noise(None, 3, 5, [torch.Generator().manual_seed(s) for s in seeds])
+    assert torch.equal(noise[1:2], flow.noise(None, 1, 5, [torch.Generator().manual_seed(5)]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad inputs: one line on stderr, a non-zero exit, nothing written
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def bad_clips(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad")
+    (folder / "empty.txt").write_text("\n  \n")
+    (folder / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video" * 20)
+    write_video(folder / "short.mp4", world.render(world.sample_clip(np.random.default_rng(0), 16, 16, 4)), 8)
+    return folder
+
+
+BAD = {
+    "missing clip": (["caption", "{clip}", "{bad}/nope.mp4"], "error: {bad}/nope.mp4: no such video file; check the path"),
+    "corrupt clip": (["caption", "{clip}", "{bad}/corrupt.mp4"], "error: {bad}/corrupt.mp4: cannot be read as a video ("),
+    "short clip": (["caption", "{bad}/short.mp4"],
+                   "error: {bad}/short.mp4: has 4 frames, fewer than the 9 needed; use a longer clip or fewer frames"),
+    "unknown solver": (["generate", "a red circle moving left", "--solver", "rk4"],
+                       "error: unknown --solver 'rk4': use euler or heun"),
+    "unknown dtype": (["joint", "a red circle moving left", "--dtype", "fp8"],
+                      "error: unknown --dtype 'fp8': use auto, float32, bfloat16 or float16"),
+    "unknown device": (["generate", "a red circle moving left", "--device", "tpu"],
+                       "error: unknown device 'tpu': use auto, cpu, cuda or cuda:N"),
+    "unknown text stream": (["generate", "a red circle moving left", "--text-stream", "both"],
+                            "error: unknown --text-stream 'both': use prompt or none"),
+    "zero batch": (["generate", "a red circle moving left", "--batch", "0"], "error: --batch must be at least 1, got 0"),
+    "out of vocabulary": (["joint", "a red circle moving left", "a cat surfing"],
+                          "error: the model's vocabulary has no words 'cat', 'surfing' (in \"a cat surfing\"): it knows "
+                          "only: , . a against and background black blue bottom circle down frame from gray green in is "
+                          "it large left moves moving of on orange purple quickly red right shape shows slowly small "
+                          "square staying stays still the there top triangle up video white with yellow; use words it knows"),
+    "out-of-vocabulary hint": (["caption", "{clip}", "--hint", "a dog!"], "error: the model's vocabulary has no words "
+                               "'dog', '!' (in \"a dog!\"): it knows only: "),
+    "missing prompts file": (["generate", "--prompts-file", "{bad}/prompts.txt"],
+                             "error: {bad}/prompts.txt: no such prompts file; check the path"),
+    "no prompt": (["joint"], "error: no prompt given: pass one or more PROMPT arguments or --prompts-file FILE"),
+    "empty clips file": (["caption", "--clips-file", "{bad}/empty.txt"],
+                         "error: {bad}/empty.txt: holds no clips; write one clip per line"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_one_line_and_nothing_is_written(vigu, case, model_dir, clip_path, bad_clips, tmp_path):
+    args, message = BAD[case]
+    fill = lambda text: text.format(clip=clip_path, bad=bad_clips)  # noqa: E731
+    run = vigu(*map(fill, args), "--model", model_dir, "--out", tmp_path / "out")
+    assert run.code == 1
+    [line] = run.stderr.splitlines()
+    assert line.startswith(fill(message)) if message.endswith(("(", ": ")) else line == fill(message)
+    assert run.stdout == "" and not (tmp_path / "out").exists()
+
+
+def test_without_a_model_every_command_says_how_to_get_one(vigu, tmp_path, monkeypatch, clip_path):
+    monkeypatch.chdir(tmp_path)
+    for args in (["generate", "a red circle moving left"], ["caption", clip_path], ["joint", "a red square moving up"],
+                 ["eval"]):
+        run = vigu(*args)
+        assert run.code == 1 and run.stdout == ""
+        assert run.stderr.splitlines() == ["error: no model at runs/demo/model: run `make demo` or pass --model PATH"]
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# vigu eval
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_eval_prints_the_tables_writes_json_and_a_contact_sheet(vigu, model_dir, tmp_path):
+    run = vigu("eval", "--model", model_dir, "--items", "4", "--steps", "1,2", "--batch", "3",
+               "--json", tmp_path / "eval.json", "--sheet", tmp_path / "sheet.html")
+    assert run.code == 0, run.stderr
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["set"] == {"source": "world", "seed": 0, "stream": 0x5EED_E7A1, "items": 4}
+    assert [row["steps"] for row in report["results"]] == [1, 2]
+    for row in report["results"]:
+        assert set(row["caption"]) == {*world.ATTRIBUTES, "macro", "hidden"}
+        assert set(row["generation"]) == {"shape", "color", "motion", "macro"}
+        assert {"shape", "color", "background", "size", "motion", "start", "macro"} <= set(row["joint"])
+        assert set(row["text"]) == {"bleu4", "rouge_l", "cider"} and 0 < row["text"]["rouge_l"] < 1
+        assert set(row["seconds_per_item"]) == {"caption", "generate", "joint"}
+    # the curve: one row per step count, then the attribute table
+    curve = [line.split() for line in run.lines if line.split()[:1] in (["1"], ["2"])]
+    assert [cells[0] for cells in curve] == ["1", "2"]
+    assert f"{report['results'][1]['text']['cider']:.3f}" in curve[1]
+    assert "accuracy vs steps" in run.stdout and "joint coherence" in run.stdout
+    page = (tmp_path / "sheet.html").read_text()
+    assert page.count("data:image/png;base64,") == 12  # 4 items x (caption, generate, joint)
+    assert world.prompt_text(world.sample_clip(np.random.default_rng([0x5EED_E7A1, 0, 0]), 16, 16, 9)) in page
+    assert Image.open(tmp_path / "sheet.png").size[1] > 12 * 96
+
+
+def test_eval_on_a_built_dataset_scores_its_held_out_split(vigu, model_dir, tmp_path):
+    data = tmp_path / "data"
+    build_dataset(tiny_recipe(f"data.out={data}", "data.num_items=8", "data.shard_size=8", "data.val_every=4"))
+    run = vigu("eval", "--model", model_dir, "--data", data, "--steps", "1", "--json", tmp_path / "eval.json")
+    assert run.code == 0, run.stderr
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["set"] == {"source": str(data), "items": 2}  # items 3 and 7 are held out
+    assert report["results"][0]["caption"]["macro"] >= 0 and report["results"][0]["generation"] is not None
