@@ -10,6 +10,7 @@ torch.set_num_threads(1)
 
 # world-tiny, shrunk: a 16x16x9 canvas folded 4 x 2 x 2 (48 latent channels, below the width 64), two layers.
 TINY = [
+    "model.base=world",  # built from this recipe, untrained (world-tiny itself starts from the shipped world model)
     "model.height=16", "model.width=16", "model.num_frames=9", "model.vae.spatial_fold=2",
     "model.transformer.in_channels=48", "model.transformer.out_channels=48",
     "model.transformer.num_attention_heads=2", "model.transformer.attention_head_dim=32",

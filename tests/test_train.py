@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_recipe
+from conftest import TINY, tiny_recipe
 from vigu_cli.build_dataset import build_dataset
 from vigu_cli.core.pipeline import UniViGUPipeline
 from vigu_cli.errors import VigUError
@@ -38,12 +38,8 @@ def recipe_for(data, out, *extra):
 
 
 def overrides_for(data, out, *extra):
-    return [arg for o in ["model.height=16", "model.width=16", "model.num_frames=9", "model.vae.spatial_fold=2",
-                          "model.transformer.in_channels=48", "model.transformer.out_channels=48",
-                          "model.transformer.num_attention_heads=2", "model.transformer.attention_head_dim=32",
-                          "model.transformer.ffn_dim=128", "model.transformer.num_layers=2", "text.max_length=32",
-                          "text.latent_dim=16", f"train.dataset={data}", f"train.output_dir={out}", *STEPS, *extra]
-            for arg in ("--set", o)]
+    """The same recipe as `recipe_for`, as `--set` options of the command line."""
+    return [arg for o in [*TINY, f"train.dataset={data}", f"train.output_dir={out}", *STEPS, *extra] for arg in ("--set", o)]
 
 
 def metrics(path):

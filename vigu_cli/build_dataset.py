@@ -36,7 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from .core.convert import load_pipeline, pipeline_from_recipe
+from .core.convert import base_folder, pipeline_from_recipe
 from .data.cache import (FORMAT, TENSORS, VERSION, cache_settings, common_tensors, item_tensors, load_tensors,
                          model_identity, read_info, save_tensors, tensor_key, tensor_keys)
 from .data.manifest import (COMMON, INFO, SHARDS, VIDEOS, ItemLine, is_validation, merge_manifest, read_lines,
@@ -183,11 +183,7 @@ def encoding_pipeline(recipe: Recipe, device: torch.device):
     """The recipe's prompt encoder, tokenizers and VAE, which make the cache. A model folder is loaded
     without its transformer, which the cache does not need."""
     dtype = resolve_dtype(recipe.data.text_encoder_dtype, device)
-    if recipe.model.base == "world":
-        pipe = pipeline_from_recipe(recipe)
-    else:
-        pipe = load_pipeline(recipe.model.base, recipe, transformer=None,
-                             torch_dtype={"text_encoder": dtype, "default": torch.float32})
+    pipe = pipeline_from_recipe(recipe, transformer=None, torch_dtype={"text_encoder": dtype, "default": torch.float32})
     pipe.text_encoder.to(device, dtype)
     pipe.vae.to(device)
     return pipe
@@ -325,8 +321,9 @@ class ShardBuilder:
         self.root, self.recipe, self.pipe, self.progress = root, recipe, pipe, progress
         data = recipe.data
         shared = {}
-        if data.generator.backend == "wan" and \
-                Path(data.generator.path or recipe.model.base).resolve() == Path(recipe.model.base).resolve():
+        base = base_folder(recipe)
+        if data.generator.backend == "wan" and base is not None and \
+                Path(data.generator.path or base).resolve() == base.resolve():
             shared = {"tokenizer": pipe.tokenizer, "text_encoder": pipe.text_encoder, "vae": pipe.vae}
         self.generator: VideoGenerator = make_generator(recipe.model, data, state.device, shared)
         config = data.captioner

@@ -114,12 +114,31 @@ def load_pipeline(path: str | Path, recipe: Recipe, **kwargs) -> UniViGUPipeline
     raise VigUError(f"{path} holds a {kind}, not a WanPipeline or UniViGUPipeline folder")
 
 
-def pipeline_from_recipe(recipe: Recipe) -> UniViGUPipeline:
-    """The recipe's model: `model.base: world` builds the world's untrained "Wan2.1" (seeded, so the same
-    everywhere); otherwise `model.base` is a local folder."""
+WORLD_PRETRAINED = Path(__file__).resolve().parents[1] / "assets" / "world-wan2.1"
+
+
+def base_folder(recipe: Recipe) -> Path | None:
+    """`model.base` as a folder: None for `world` (an untrained world model, built from the recipe),
+    the shipped pretrained world "Wan2.1" for `world-pretrained`, otherwise the path itself."""
     if recipe.model.base == "world":
+        return None
+    if recipe.model.base == "world-pretrained":
+        if not (WORLD_PRETRAINED / "model_index.json").is_file():
+            raise VigUError(
+                f"the world's pretrained Wan2.1 is missing ({WORLD_PRETRAINED}): rebuild it with `make world-base`, "
+                "or set model.base=world for an untrained one"
+            )
+        return WORLD_PRETRAINED
+    return Path(recipe.model.base)
+
+
+def pipeline_from_recipe(recipe: Recipe, **load_kwargs) -> UniViGUPipeline:
+    """The recipe's model (`model.base`): the world built from the recipe (seeded, so the same
+    everywhere), the shipped world "Wan2.1", or a local folder (loaded with `load_kwargs`)."""
+    folder = base_folder(recipe)
+    if folder is None:
         return vigu_from_wan(build_wan_pipeline(recipe, seed=0), recipe)
-    return load_pipeline(recipe.model.base, recipe)
+    return load_pipeline(folder, recipe, **load_kwargs)
 
 
 def save_folder(pipeline, out_dir: str | Path) -> Path:
