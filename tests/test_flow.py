@@ -142,3 +142,27 @@ def test_unified_loss_weights():
     assert parts["loss_video"] == 1.5
     with pytest.raises(ValueError):
         unified_loss(None, None, cfg, 1, 1)
+
+
+def test_task_corners_only_where_both_streams_train():
+    """Stage `base` (video alone) never draws a clean video: a corner is a task of two streams."""
+    from diffusers import WanTransformer3DModel
+
+    from vigu_cli.core.model import UniViGUTransformer
+    from vigu_cli.core.objective import unified_objective
+
+    torch.manual_seed(0)
+    wan = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                out_channels=4, text_dim=8, freq_dim=16, ffn_dim=32, num_layers=1)
+    model = UniViGUTransformer.from_wan(wan, text_vocab_size=12, text_latent_dim=4, text_max_length=8)
+    seen = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["timestep"]), with_kwargs=True)
+    cfg = FlowSection(corner_prob=1.0)
+    latents, condition = torch.randn(64, 4, 1, 4, 4), torch.randn(64, 3, 8)
+    unified_objective(model, EmbeddingTextFlow(), cfg, latents, None, condition,
+                      torch.Generator().manual_seed(0))
+    assert seen[-1].min() > 0  # with corners, half of these would be 0
+    ids = torch.randint(0, 12, (64, 8))
+    unified_objective(model, EmbeddingTextFlow(), cfg, latents, ids, condition,
+                      torch.Generator().manual_seed(0))
+    assert 0.3 < float((seen[-1] == 0).float().mean()) < 0.7

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -33,6 +34,8 @@ def unified_objective(
     core = model if core is None else core
     some = video_latents if video_latents is not None else text_ids
     batch, device = some.shape[0], some.device
+    if video_latents is None or text_ids is None:  # task corners exist only where both streams train
+        cfg = replace(cfg, corner_prob=0.0)
     sigma_v, sigma_t = sample_sigmas(batch, cfg, generator, device, batch_slice)
 
     x_v = target_v = x_t = sample = None
