@@ -28,7 +28,7 @@ demo: venv
 
 # Rebuild the shipped world "Wan2.1" (vigu_cli/assets/world-wan2.1) from scratch: hours on 2 CPU cores.
 world-base: venv
-	VIGU="$(abspath $(VENV))/bin/vigu" bash scripts/world_base.sh
+	VIGU="$(abspath $(VENV))/bin/vigu" PYTHON="$(abspath $(PY))" bash scripts/world_base.sh
 
 clean:
 	rm -rf $(VENV) runs/demo

@@ -15,7 +15,10 @@ TINY = [
     "model.transformer.in_channels=48", "model.transformer.out_channels=48",
     "model.transformer.num_attention_heads=2", "model.transformer.attention_head_dim=32",
     "model.transformer.ffn_dim=128", "model.transformer.num_layers=2",
-    "text.max_length=32", "text.latent_dim=16", "sampling.steps=4",
+    "text.max_length=32", "text.latent_dim=16", "sampling.steps=4", "text.formulation=embedding",
+    "flow.tau_sampling=uniform", "flow.corner_prob=0.0",
+    # fp32 on CPU, so resume and multi-process runs compare exactly
+    "train.base.mixed_precision=auto", "train.recall.mixed_precision=auto", "train.refine.mixed_precision=auto",
 ]
 # The same with diffusers' real AutoencoderKLWan (random, tiny) instead of the world's patch autoencoder.
 TINY_WAN_VAE = TINY + [

@@ -85,10 +85,10 @@ def test_world_build_of_64_clips_end_to_end(reference):
     assert [line.shard for line in lines] == [f"shard-{i // 8:05d}" for i in range(64)]
     info = json.loads((out / "dataset.json").read_text())
     assert info["complete"] and info["counts"] == {"ok": 64, "rejected": 0, "skipped": 0} and info["pending"] == 0
-    assert info["cache"]["latent_shape"] == [192, 5, 8, 8] and info["split"] == {"val_every": 16, "train": 60, "val": 4}
+    assert info["cache"]["latent_shape"] == [48, 5, 8, 8] and info["split"] == {"val_every": 16, "train": 60, "val": 4}
 
     pipe = pipeline_from_recipe(recipe)
-    specs = [world.sample_clip(np.random.default_rng([0, i]), 32, 32, 17) for i in range(64)]
+    specs = [world.sample_clip(np.random.default_rng([0, i]), 16, 16, 17) for i in range(64)]
     train, val = CachedVideoTextDataset(out, "train"), CachedVideoTextDataset(out, "val")
     assert len(train) == 60 and [item[0] for item in val.items] == ["000015", "000031", "000047", "000063"]
     assert not {i for i, _ in train.items} & {i for i, _ in val.items}
@@ -98,22 +98,22 @@ def test_world_build_of_64_clips_end_to_end(reference):
         assert item["id"] == line.id and line.prompt == world.prompt_text(spec)
         assert world.parse_caption(line.caption) == spec.attributes()
         assert line.prompt_tokens == count_tokens(pipe.text_tokenizer, line.prompt) == 5
-        assert item["latents"].shape == (192, 5, 8, 8) and item["latents"].dtype == torch.float32
+        assert item["latents"].shape == (48, 5, 8, 8) and item["latents"].dtype == torch.float32
         assert item["prompt_embeds"].shape == (32, 32)
         # padding the stored rows back gives exactly WanPipeline's embeddings
         assert torch.equal(item["prompt_embeds"], pipe.encode_condition([line.prompt], "cpu")[0])
         assert torch.equal(item["prompt_ids"], pipe.text_ids([line.prompt])[0])
         assert torch.equal(item["caption_ids"], pipe.text_ids([line.caption])[0])
-        # the cached latent decodes to a clip the world's measurer reads as the clip's spec
+        # the cached latent decodes to the rendered clip itself
         decoded = tensor_to_frames(pipe.decode_latents(item["latents"][None])[0])
-        assert world.measure_video(decoded) == spec.attributes(), line.id
-        assert read_video(out / line.video).shape == (17, 32, 32, 3)
+        assert np.array_equal(decoded, world.render(spec)), line.id
+        assert read_video(out / line.video).shape == (17, 16, 16, 3)
     assert torch.equal(train.empty_prompt_embeds, pipe.encode_condition([""], "cpu")[0])
     stored = load_file(out / "shards" / "shard-00000.safetensors")["000000/prompt_embeds"]
     assert stored.shape == (6, 32)  # only the prompt's real rows are stored: 5 words and EOS
 
     batch = next(iter(DataLoader(train, batch_size=16, num_workers=1, collate_fn=collate)))
-    assert batch["latents"].shape == (16, 192, 5, 8, 8) and batch["prompt_embeds"].shape == (16, 32, 32)
+    assert batch["latents"].shape == (16, 48, 5, 8, 8) and batch["prompt_embeds"].shape == (16, 32, 32)
     assert batch["prompt_ids"].shape == batch["caption_ids"].shape == (16, 32) and len(batch["id"]) == 16
 
 
@@ -127,7 +127,7 @@ def test_check_compatible_names_the_part_that_differs(reference, tmp_path):
         check_compatible(out, pipe)
     assert "\n" not in str(info.value)
     pipe = pipeline_from_recipe(world_recipe(out))
-    pipe.vae.register_to_config(latents_mean=[0.0] * 192)
+    pipe.vae.register_to_config(latents_mean=[0.0] * 48)
     with pytest.raises(VigUError, match="another VAE"):
         check_compatible(out, pipe)
     with pytest.raises(VigUError, match="text_max_length=32, this model has 48"):

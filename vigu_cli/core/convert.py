@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from diffusers import WanPipeline, WanTransformer3DModel
+from diffusers.utils import logging as diffusers_logging
 from transformers import AutoTokenizer
 
 from ..data.world_text import build_world_tokenizer
@@ -110,7 +111,16 @@ def load_pipeline(path: str | Path, recipe: Recipe, **kwargs) -> UniViGUPipeline
     if kind == "UniViGUPipeline":
         return UniViGUPipeline.from_pretrained(path, local_files_only=True, **kwargs)
     if kind == "WanPipeline":
-        return vigu_from_wan(WanPipeline.from_pretrained(path, local_files_only=True, **kwargs), recipe)
+        # WanPipeline's signature names AutoencoderKLWan; the world's exact autoencoder has its interface,
+        # so diffusers' "Expected types for vae" warning would be noise on every world command.
+        type_check = diffusers_logging.get_logger("diffusers.pipelines.pipeline_utils")
+        level = type_check.level
+        type_check.setLevel(diffusers_logging.ERROR)
+        try:
+            wan = WanPipeline.from_pretrained(path, local_files_only=True, **kwargs)
+        finally:
+            type_check.setLevel(level)
+        return vigu_from_wan(wan, recipe)
     raise VigUError(f"{path} holds a {kind}, not a WanPipeline or UniViGUPipeline folder")
 
 
