@@ -24,8 +24,8 @@ COMMON=(--recipe world-tiny --set model.base=world "${OVERRIDES[@]}")
     --set data.val_every=128 --set data.keep_videos=false --set data.latents_dtype=bfloat16
 TRAIN=(train "${COMMON[@]}" --stage base --resume --set "train.output_dir=$WORK" --set "train.dataset=$WORK/data")
 STABLE=$("$PYTHON" -c "from vigu_cli.recipe import load_recipe; print(load_recipe('world-tiny').train.base.max_steps)")
-last_step() { ls "$WORK/base/checkpoints" 2>/dev/null | sed 's/step-0*//' | sort -n | tail -1; }
-if (( $(last_step || true) + 0 < STABLE )); then "${VIGU[@]}" "${TRAIN[@]}"; fi  # phase 1: constant lr
+last_step() { { echo 0; ls "$WORK/base/checkpoints" 2>/dev/null | sed 's/step-0*//'; } | sort -n | tail -1; }
+if (( $(last_step) < STABLE )); then "${VIGU[@]}" "${TRAIN[@]}"; fi  # phase 1: constant lr
 if (( $(last_step) < TOTAL_STEPS )); then  # phase 2: cosine decay
     "${VIGU[@]}" "${TRAIN[@]}" --set "train.base.max_steps=$TOTAL_STEPS" --set train.base.lr_scheduler=cosine
 fi

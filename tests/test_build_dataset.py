@@ -29,7 +29,7 @@ from vigu_cli.data.video_io import frames_to_tensor, read_video, tensor_to_frame
 from vigu_cli.errors import VigUError
 from vigu_cli.recipe import load_recipe
 from vigu_cli.synth.captioners import count_tokens
-from vigu_cli.synth.generators import video_seed
+from vigu_cli.synth.generators import WanGenerator, make_generator, video_seed
 from vigu_cli.synth.prompts import plan_items
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -489,3 +489,13 @@ def test_padding_round_trip_is_exact():
     rows = torch.randn(5, 8)
     padded = pad_prompt_embeds(rows, 12)
     assert padded.shape == (12, 8) and torch.equal(padded[:5], rows) and not padded[5:].any()
+
+
+def test_wan_generator_defaults_to_the_recipe_base_even_the_shipped_world():
+    recipe = load_recipe("world-tiny", ["data.generator.backend=wan"])
+    generator = make_generator(recipe.model, recipe.data, torch.device("cpu"), {})
+    assert isinstance(generator, WanGenerator)
+    assert generator.pipe.transformer.config.num_layers == recipe.model.transformer.num_layers
+    untrained = load_recipe("world-tiny", ["data.generator.backend=wan", "model.base=world"])
+    with pytest.raises(VigUError, match="generator folder world not found: set data.generator.path"):
+        make_generator(untrained.model, untrained.data, torch.device("cpu"), {})

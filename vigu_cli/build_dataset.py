@@ -321,7 +321,7 @@ class ShardBuilder:
         self.root, self.recipe, self.pipe, self.progress = root, recipe, pipe, progress
         data = recipe.data
         shared = {}
-        base = base_folder(recipe)
+        base = base_folder(recipe.model)
         if data.generator.backend == "wan" and base is not None and \
                 Path(data.generator.path or base).resolve() == base.resolve():
             shared = {"tokenizer": pipe.tokenizer, "text_encoder": pipe.text_encoder, "vae": pipe.vae}

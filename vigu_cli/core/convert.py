@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 
 from ..data.world_text import build_world_tokenizer
 from ..errors import VigUError
-from ..recipe import Recipe
+from ..recipe import ModelSection, Recipe
 from .components import build_wan_pipeline
 from .model import UniViGUTransformer
 from .pipeline import UniViGUPipeline
@@ -127,25 +127,25 @@ def load_pipeline(path: str | Path, recipe: Recipe, **kwargs) -> UniViGUPipeline
 WORLD_PRETRAINED = Path(__file__).resolve().parents[1] / "assets" / "world-wan2.1"
 
 
-def base_folder(recipe: Recipe) -> Path | None:
+def base_folder(model: ModelSection) -> Path | None:
     """`model.base` as a folder: None for `world` (an untrained world model, built from the recipe),
     the shipped pretrained world "Wan2.1" for `world-pretrained`, otherwise the path itself."""
-    if recipe.model.base == "world":
+    if model.base == "world":
         return None
-    if recipe.model.base == "world-pretrained":
+    if model.base == "world-pretrained":
         if not (WORLD_PRETRAINED / "model_index.json").is_file():
             raise VigUError(
                 f"the world's pretrained Wan2.1 is missing ({WORLD_PRETRAINED}): rebuild it with `make world-base`, "
                 "or set model.base=world for an untrained one"
             )
         return WORLD_PRETRAINED
-    return Path(recipe.model.base)
+    return Path(model.base)
 
 
 def pipeline_from_recipe(recipe: Recipe, **load_kwargs) -> UniViGUPipeline:
     """The recipe's model (`model.base`): the world built from the recipe (seeded, so the same
     everywhere), the shipped world "Wan2.1", or a local folder (loaded with `load_kwargs`)."""
-    folder = base_folder(recipe)
+    folder = base_folder(recipe.model)
     if folder is None:
         return vigu_from_wan(build_wan_pipeline(recipe, seed=0), recipe)
     return load_pipeline(folder, recipe, **load_kwargs)

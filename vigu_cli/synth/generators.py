@@ -72,14 +72,14 @@ class WanGenerator(VideoGenerator):
     def __init__(self, model: ModelSection, data: DataSection, device: torch.device, shared: dict):
         from diffusers import WanPipeline
 
-        from ..core.convert import folder_class
+        from ..core.convert import base_folder, folder_class
 
         super().__init__(model)
         settings = data.generator
-        path = settings.path or model.base
-        if not Path(path).is_dir():
-            raise VigUError(f"generator folder {path} not found: set data.generator.path to a local Wan2.1 "
-                            "diffusers folder")
+        path = settings.path or base_folder(model)  # model.base by default: a folder, or the shipped world Wan2.1
+        if path is None or not Path(path).is_dir():
+            raise VigUError(f"generator folder {path or model.base} not found: set data.generator.path to a local "
+                            "Wan2.1 diffusers folder")
         if folder_class(path) != "WanPipeline":
             raise VigUError(f"data.generator.path {path} holds a {folder_class(path)}: the wan generator needs a stock "
                             "Wan2.1 diffusers folder (WanPipeline)")
