@@ -195,3 +195,13 @@ def test_ema_weights_are_saved_and_checkpointed(tiny_data, tmp_path):
     again = tmp_path / "ema2"
     train(recipe_for(tiny_data, again, "train.recall.max_steps=4", "train.recall.ema_decay=0.5"), "recall")
     assert all(torch.equal(b[k], weights(again / "recall")[k]) for k in b)  # deterministic
+
+
+def test_resuming_a_finished_run_keeps_one_line_per_validation(tiny_data, tmp_path):
+    extra = ("train.recall.max_steps=4", "train.recall.validate_every=2", "train.recall.val_items=2",
+             "train.recall.val_steps=2")
+    train(recipe_for(tiny_data, tmp_path, *extra), "recall")
+    log = tmp_path / "recall" / "validation.jsonl"
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [2, 4]
+    train(recipe_for(tiny_data, tmp_path, *extra), "recall", resume=True)  # validates and saves again
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [2, 4]

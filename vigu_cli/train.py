@@ -131,8 +131,8 @@ def save_checkpoint(accelerator: Accelerator, root: Path, step: int, keep: int) 
     return final
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the metric lines up to `step` (a resumed run rewrites what came after its checkpoint)."""
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Keep the lines up to `step` (a resumed run rewrites what came after its checkpoint)."""
     if path.is_file():
         lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
         tmp = path.with_suffix(".tmp")
@@ -216,7 +216,9 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
         accelerator.load_state(str(found[-1]))
         step = json.loads((found[-1] / "trainer_state.json").read_text())["step"]
         if accelerator.is_main_process:
-            truncate_metrics(metrics_path, step)
+            truncate_jsonl(metrics_path, step)
+            # validation at the checkpoint's step ran before it was saved, but the final one runs again
+            truncate_jsonl(root / "validation.jsonl", min(step, stage.max_steps - 1))
     root.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         (root / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1))
