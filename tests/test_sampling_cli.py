@@ -97,6 +97,7 @@ def test_generate_writes_an_mp4_and_a_sidecar_per_prompt(vigu, model_dir, tmp_pa
             "mode": "generate", "prompt": PROMPTS[i], "index": i, "seed": 7 + i, "steps": 3, "solver": "heun",
             "guidance_video": 2.5, "text_stream": "prompt", "fps": 8, "model": str(model_dir), "batch": 2}
         assert sidecar["shift"] == 3.0 and sidecar["guidance_text"] == 1.0 and sidecar["seconds"] > 0
+        assert sidecar["text_temperature"] == 1.0
     assert no_temporary_files(out)
 
     plain = vigu("generate", PROMPTS[0], "--model", model_dir, "--out", tmp_path / "plain", "--seed", "7", "--steps", "3",
@@ -122,6 +123,24 @@ def test_caption_of_an_mp4_equals_pipeline_caption_on_the_same_tensor(vigu, mode
     hinted = vigu("caption", "--clips-file", tmp_path / "clips.txt", "--model", model_dir, "--seed", "3",
                   "--hint", "a red circle moving left")
     assert hinted.code == 0 and len(hinted.lines) == 1 and hinted.lines[0] != expected  # the hint conditions
+
+
+def test_text_temperature_reaches_the_discrete_solver(vigu, tiny_wan_dir, clip_path, tmp_path):
+    pipe = load_pipeline(tiny_wan_dir, tiny_recipe("text.formulation=discrete"))
+    torch.manual_seed(1)
+    for p in pipe.transformer.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    model = save_folder(pipe, tmp_path / "discrete")
+    clip = frames_to_tensor(load_clip(clip_path, 9, 16, 16))[None]
+    captions = {}
+    for temperature in ("0", "1"):
+        run = vigu("caption", clip_path, "--model", model, "--seed", "3", "--text-temperature", temperature, "--json")
+        record = json.loads(run.stdout)
+        assert record["text_temperature"] == float(temperature)
+        expected = pipe.caption(clip, generator=torch.Generator().manual_seed(3), text_temperature=float(temperature))
+        assert record["caption"] == expected.texts[0]
+        captions[temperature] = record["caption"]
+    assert captions["0"] != captions["1"]
 
 
 def test_joint_on_the_command_line_writes_mp4_caption_and_sidecar(model_dir, tmp_path):
@@ -208,6 +227,10 @@ BAD = {
                        "error: unknown device 'tpu': use auto, cpu, cuda or cuda:N"),
     "unknown text stream": (["generate", "a red circle moving left", "--text-stream", "both"],
                             "error: unknown --text-stream 'both': use prompt or none"),
+    "negative temperature": (["caption", "{clip}", "--text-temperature", "-0.5"],
+                             "error: --text-temperature must be at least 0 (0: the most likely token), got -0.5"),
+    "temperature of an embedding flow": (["caption", "{clip}", "--text-temperature", "0"],
+                                         "error: --text-temperature: "),
     "zero batch": (["generate", "a red circle moving left", "--batch", "0"], "error: --batch must be at least 1, got 0"),
     "out of vocabulary": (["joint", "a red circle moving left", "a cat surfing"],
                           "error: the model's vocabulary has no words 'cat', 'surfing' (in \"a cat surfing\"): it knows "

@@ -75,6 +75,22 @@ def test_discrete_solver_reaches_a_sharp_target():
     assert torch.equal(out, target)
 
 
+def test_discrete_temperature_zero_takes_the_most_likely_token_and_one_samples():
+    """Temperature 0: every draw is the argmax, whatever the generator; 1: the softmax draws (of a flat
+    distribution, many tokens); the embedding flow refuses a temperature."""
+    flow = DiscreteTextFlow(V)
+    logits = torch.randn(64, 10, V, generator=torch.Generator().manual_seed(0)) * 0.1
+    x = flow.noise(None, 64, 10, torch.Generator().manual_seed(1))
+    greedy = flow.step(x, logits, torch.tensor(0.2), torch.tensor(0.0), torch.Generator().manual_seed(2), temperature=0)
+    assert torch.equal(greedy, logits.argmax(-1))
+    sampled = flow.step(x, logits, torch.tensor(0.2), torch.tensor(0.0), torch.Generator().manual_seed(2))
+    assert (sampled != greedy).float().mean() > 0.5
+    with pytest.raises(ValueError, match="text_temperature must be >= 0"):
+        flow.step(x, logits, torch.tensor(0.2), torch.tensor(0.0), temperature=-1)
+    with pytest.raises(ValueError, match="discrete text flow"):
+        EmbeddingTextFlow().step(torch.zeros(1, 2, 4), torch.zeros(1, 2, 4), 1.0, 0.5, temperature=0.5)
+
+
 def test_discrete_mask_source_and_factory():
     flow = make_text_flow(TextSection(formulation="discrete", discrete_source="mask"), V, mask_token_id=3)
     assert isinstance(flow, DiscreteTextFlow) and not flow.continuous

@@ -111,6 +111,18 @@ def test_trainable_text_changes_no_video_parameter(tiny_data, tmp_path):
     assert any(".ffn_text." in n for n in changed)
 
 
+def test_text_learning_rate_sets_the_rate_of_the_new_text_parameters(tiny_data, tmp_path):
+    """A text rate of 0 freezes exactly the new text parameters; the shared and video ones still move."""
+    out = train(recipe_for(tiny_data, tmp_path, "train.recall.text_learning_rate=0", "train.recall.max_steps=3"), "recall")
+    trained = dict(UniViGUPipeline.from_pretrained(out, local_files_only=True).transformer.named_parameters())
+    from vigu_cli.train import initial_pipeline
+
+    start = initial_pipeline(recipe_for(tiny_data, tmp_path), "recall").transformer
+    changed = {n for n, p in start.named_parameters() if not torch.equal(p, trained[n])}
+    assert changed and not changed & set(start.text_parameter_names())
+    assert any(".attn1." in n for n in changed)
+
+
 def test_lora_trains_only_adapters_and_merges_back(tiny_data, tmp_path):
     """Must show 3b: LoRA (peft) on the shared attention; only adapter and text weights train; merged folder."""
     recipe = recipe_for(tiny_data, tmp_path, "train.recall.trainable=lora", "train.recall.max_steps=3",

@@ -124,6 +124,9 @@ SAMPLING_OPTIONS = {  # name: (annotation, default); a command receives them as 
         "--guidance-video", help="Classifier-free guidance scale of the video stream (default: the model's).")], None),
     "guidance_text": (Annotated[Optional[float], typer.Option(
         "--guidance-text", help="Classifier-free guidance scale of the text stream (default: the model's).")], None),
+    "text_temperature": (Annotated[Optional[float], typer.Option(
+        "--text-temperature", help="Discrete text flow: temperature of each token draw, 0 = the most likely token "
+        "(default: the model's).")], None),
     "seed": (Annotated[int, typer.Option("--seed", help="Sample i uses seed + i, whatever the batch.")], 0),
     "batch": (Annotated[int, typer.Option("--batch", "-b", help="Samples per solver call.")], 1),
     "device": (Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")], "auto"),

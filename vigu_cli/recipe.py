@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import yaml
 
@@ -137,6 +137,7 @@ class SamplingSection:
     shift: float = 3.0
     guidance_video: float = 5.0
     guidance_text: float = 1.0
+    text_temperature: float = 1.0  # discrete text flow: temperature of each token draw (0: the most likely token)
     generate_text: Literal["prompt", "none"] = "prompt"  # text stream of `generate`: clean prompt tokens, or none
     seed: int = 0
 
@@ -153,6 +154,7 @@ class StageSection:
     text_target: Literal["none", "prompt", "caption"] = "caption"
     cond_dropout: float = 0.1  # probability of replacing the prompt condition by the empty prompt
     learning_rate: float = 1e-4
+    text_learning_rate: Optional[float] = None  # the new text parameters' rate (None: learning_rate)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # paper: Adam (0.9, 0.95)
     weight_decay: float = 0.0
     lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = "constant_with_warmup"

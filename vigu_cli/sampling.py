@@ -48,6 +48,7 @@ class SamplingOptions:
     shift: Optional[float] = None
     guidance_video: Optional[float] = None
     guidance_text: Optional[float] = None
+    text_temperature: Optional[float] = None
     seed: int = 0
     batch: int = 1  # samples per solver call
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -63,6 +64,8 @@ class SamplingOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise VigUError(f"--{name} must be at least 1, got {value}")
+        if self.text_temperature is not None and self.text_temperature < 0:
+            raise VigUError(f"--text-temperature must be at least 0 (0: the most likely token), got {self.text_temperature}")
         resolve_device(self.device)
         self.model = self.model or DEFAULT_MODEL
 
@@ -71,7 +74,7 @@ class SamplingOptions:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name in SOLVER_SETTINGS}
 
 
-SOLVER_SETTINGS = ("steps", "solver", "shift", "guidance_video", "guidance_text")
+SOLVER_SETTINGS = ("steps", "solver", "shift", "guidance_video", "guidance_text", "text_temperature")
 CHOICES = {"solver": ("euler", "heun"), "dtype": ("auto", *DTYPES)}
 
 
@@ -116,6 +119,9 @@ def load_model(options: SamplingOptions) -> UniViGUPipeline:
         )
     if pipe.transformer.dtype != dtype:  # a stock Wan folder converted on the fly comes out in float32
         pipe.transformer.to(dtype)
+    if options.text_temperature not in (None, 1.0) and pipe.text_flow.continuous:
+        raise VigUError(f"--text-temperature: {options.model} uses the {pipe.text_flow.name} text flow, which draws "
+                        "no tokens (the option is for the discrete flow); leave it out")
     return pipe.to(device)
 
 

@@ -101,6 +101,19 @@ def configure_trainable(model, stage: StageSection) -> list[torch.nn.Parameter]:
     return params
 
 
+def optimizer_groups(model, trained: list[torch.nn.Parameter], stage: StageSection) -> list[dict]:
+    """AdamW parameter groups: with `text_learning_rate` set, the new text parameters form their own group
+    at that rate (the scheduler scales both groups alike)."""
+    if stage.text_learning_rate is None:
+        return [{"params": trained}]
+    names = set(model.text_parameter_names())
+    text = {id(p) for name, p in model.named_parameters() if name in names}
+    return [
+        {"params": [p for p in trained if id(p) not in text]},
+        {"params": [p for p in trained if id(p) in text], "lr": stage.text_learning_rate},
+    ]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------
@@ -197,7 +210,7 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
     if len(dataset) < global_batch:
         raise VigUError(f"the dataset in {data} has {len(dataset)} training items, fewer than one batch ({global_batch})")
     loader = DataLoader(dataset, batch_size=global_batch, shuffle=True, drop_last=True, collate_fn=collate)
-    optimizer = torch.optim.AdamW(trained, lr=stage.learning_rate, betas=tuple(stage.betas), weight_decay=stage.weight_decay)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, trained, stage), lr=stage.learning_rate, betas=tuple(stage.betas), weight_decay=stage.weight_decay)
     # split_batches: the prepared scheduler steps once per optimizer step, whatever the process count
     scheduler = get_scheduler(
         stage.lr_scheduler, optimizer, num_warmup_steps=stage.warmup_steps, num_training_steps=stage.max_steps

@@ -77,6 +77,7 @@ def vigu_from_wan(wan: WanPipeline, recipe: Recipe) -> UniViGUPipeline:
         solver=sampling.solver,
         guidance_video=sampling.guidance_video,
         guidance_text=sampling.guidance_text,
+        text_temperature=sampling.text_temperature,
         generate_text=sampling.generate_text,
     )
 

@@ -211,6 +211,7 @@ class FlowSolver:
         guidance_text: float = 1.0,
         generator: Optional[torch.Generator] = None,
         callback: Optional[Callable[[int, int], None]] = None,
+        text_temperature: float = 1.0,
     ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         some = video.x if video is not None else text.x
         sigmas, timesteps = time_grid(self.steps, self.shift, device=some.device)
@@ -241,7 +242,7 @@ class FlowSolver:
             dt = sigma_next - sigma
             d_v, d_t = predict(x_v, x_t, timesteps[i])
             new_v = x_v + dt * d_v if flows_v else x_v
-            new_t = text_flow.step(x_t, d_t, sigma, sigma_next, generator) if flows_t else x_t
+            new_t = text_flow.step(x_t, d_t, sigma, sigma_next, generator, text_temperature) if flows_t else x_t
             if self.method == "heun" and sigma_next > 0:
                 e_v, e_t = predict(new_v, new_t, timesteps[i + 1])
                 if flows_v:

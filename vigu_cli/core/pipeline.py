@@ -67,6 +67,7 @@ class UniViGUPipeline(WanPipeline):
         solver: str = "euler",
         guidance_video: float = 5.0,
         guidance_text: float = 1.0,
+        text_temperature: float = 1.0,
         generate_text: str = "prompt",
     ):
         super().__init__(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer)
@@ -91,6 +92,7 @@ class UniViGUPipeline(WanPipeline):
             solver=solver,
             guidance_video=guidance_video,
             guidance_text=guidance_text,
+            text_temperature=text_temperature,
             generate_text=generate_text,
         )
 
@@ -166,13 +168,14 @@ class UniViGUPipeline(WanPipeline):
     def sampling_settings(self, **overrides) -> dict:
         """The solver settings a call uses: the model's defaults (its config and scheduler shift) with
         the overrides that are not None."""
-        unknown = set(overrides) - {"steps", "solver", "shift", "guidance_video", "guidance_text"}
+        unknown = set(overrides) - {"steps", "solver", "shift", "guidance_video", "guidance_text", "text_temperature"}
         if unknown:
             raise TypeError(f"unknown sampling setting(s): {', '.join(sorted(unknown))}")
         cfg = self.config
         merged = dict(
             steps=cfg.steps, solver=cfg.solver, shift=self.scheduler.config.shift,
             guidance_video=cfg.guidance_video, guidance_text=cfg.guidance_text,
+            text_temperature=cfg.get("text_temperature", 1.0),  # folders saved before the setting existed
         )
         merged.update({k: v for k, v in overrides.items() if v is not None})
         return merged
@@ -186,7 +189,7 @@ class UniViGUPipeline(WanPipeline):
         solver = FlowSolver(s["steps"], s["solver"], s["shift"])
         return solver(
             self.model_fn, video, text, self.text_flow, condition, uncondition,
-            s["guidance_video"], s["guidance_text"], generator, callback,
+            s["guidance_video"], s["guidance_text"], generator, callback, s["text_temperature"],
         )
 
     def _noise_video(self, batch: int, generator, height=None, width=None, num_frames=None) -> torch.Tensor:

@@ -88,7 +88,8 @@ class TextFlow:
         """Per-sample loss `[B]` (a per-token mean)."""
         raise NotImplementedError
 
-    def step(self, x, prediction, sigma, sigma_next, generator=None) -> torch.Tensor:
+    def step(self, x, prediction, sigma, sigma_next, generator=None, temperature: float = 1.0) -> torch.Tensor:
+        """One solver step from sigma to sigma_next; `temperature` scales the discrete flow's draws."""
         raise NotImplementedError
 
     def decode(self, model, x: torch.Tensor) -> torch.Tensor:
@@ -132,7 +133,9 @@ class EmbeddingTextFlow(TextFlow):
             loss = loss + self.rounding_weight * rounding
         return loss
 
-    def step(self, x, prediction, sigma, sigma_next, generator=None):
+    def step(self, x, prediction, sigma, sigma_next, generator=None, temperature=1.0):
+        if temperature != 1.0:
+            raise ValueError("text_temperature applies to the discrete text flow; the embedding flow is an ODE")
         return x + (sigma_next - sigma) * prediction
 
     def decode(self, model, x):
@@ -170,14 +173,16 @@ class DiscreteTextFlow(TextFlow):
     def loss(self, model, prediction, sample, ids, sigma):
         return F.cross_entropy(prediction.float().transpose(1, 2), ids, reduction="none").mean(1)
 
-    def step(self, x, prediction, sigma, sigma_next, generator=None):
-        """Euler jump of the mixture path: draw x1 ~ softmax(logits); a token that differs jumps to it
-        with probability 1 - exp(-h * kappa' / (1 - kappa)); the last step takes the draw."""
-        probs = prediction.double().softmax(-1)
-        if isinstance(generator, list):  # one generator per sample
-            draw = torch.stack([torch.multinomial(p, 1, generator=g)[:, 0] for p, g in zip(probs, generator, strict=True)])
+    def step(self, x, prediction, sigma, sigma_next, generator=None, temperature=1.0):
+        """Euler jump of the mixture path: draw x1 ~ softmax(logits / temperature) (temperature 0: the
+        argmax); a token that differs jumps to it with probability 1 - exp(-h * kappa' / (1 - kappa)); the
+        last step takes the draw."""
+        if temperature < 0:
+            raise ValueError(f"text_temperature must be >= 0, got {temperature}")
+        if temperature == 0:
+            draw = prediction.argmax(-1)
         else:
-            draw = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(x.shape)
+            draw = self._draw(prediction.double() / temperature, generator)
         if float(sigma_next) <= 0.0:
             return draw
         tau, h = 1.0 - float(sigma), float(sigma - sigma_next)
@@ -185,6 +190,14 @@ class DiscreteTextFlow(TextFlow):
         rate = self.exponent * tau ** (self.exponent - 1) / max(1.0 - kappa, 1e-12)
         jump = draw_per_sample(torch.rand, tuple(x.shape), generator, device=x.device) < 1.0 - math.exp(-h * rate)
         return torch.where(jump & (draw != x), draw, x)
+
+    @staticmethod
+    def _draw(logits: torch.Tensor, generator) -> torch.Tensor:
+        """One token per position from softmax(logits), drawn with the sample's generator."""
+        probs = logits.softmax(-1)
+        if isinstance(generator, list):  # one generator per sample
+            return torch.stack([torch.multinomial(p, 1, generator=g)[:, 0] for p, g in zip(probs, generator, strict=True)])
+        return torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(probs.shape[:-1])
 
     def decode(self, model, x):
         return x
