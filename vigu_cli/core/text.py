@@ -134,8 +134,7 @@ class EmbeddingTextFlow(TextFlow):
         return loss
 
     def step(self, x, prediction, sigma, sigma_next, generator=None, temperature=1.0):
-        if temperature != 1.0:
-            raise ValueError("text_temperature applies to the discrete text flow; the embedding flow is an ODE")
+        """An Euler step of the ODE; it draws nothing, so `temperature` has no effect."""
         return x + (sigma_next - sigma) * prediction
 
     def decode(self, model, x):
