@@ -137,7 +137,7 @@ class SamplingSection:
     shift: float = 3.0
     guidance_video: float = 5.0
     guidance_text: float = 1.0
-    text_temperature: float = 1.0  # discrete text flow: temperature of each token draw (0: the most likely token; no effect on embedding)
+    text_temperature: float = 1.0  # discrete text flow's token draws (0: the most likely token); no effect on embedding
     generate_text: Literal["prompt", "none"] = "prompt"  # text stream of `generate`: clean prompt tokens, or none
     seed: int = 0
 

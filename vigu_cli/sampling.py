@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .core.convert import load_pipeline
-from .core.pipeline import UniViGUPipeline, UniViGUPipelineOutput
+from .core.pipeline import SAMPLING_SETTINGS, UniViGUPipeline, UniViGUPipelineOutput
 from .data.manifest import write_json, write_text
 from .data.video_io import frames_to_tensor, load_clip, write_video
 from .errors import VigUError
@@ -71,10 +71,9 @@ class SamplingOptions:
 
     def overrides(self) -> dict:
         """The solver settings to pass to the pipeline (None: the model's default)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name in SOLVER_SETTINGS}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name in SAMPLING_SETTINGS}
 
 
-SOLVER_SETTINGS = ("steps", "solver", "shift", "guidance_video", "guidance_text", "text_temperature")
 CHOICES = {"solver": ("euler", "heun"), "dtype": ("auto", *DTYPES)}
 
 

@@ -108,10 +108,11 @@ def optimizer_groups(model, trained: list[torch.nn.Parameter], stage: StageSecti
         return [{"params": trained}]
     names = set(model.text_parameter_names())
     text = {id(p) for name, p in model.named_parameters() if name in names}
-    return [
+    groups = [
         {"params": [p for p in trained if id(p) not in text]},
         {"params": [p for p in trained if id(p) in text], "lr": stage.text_learning_rate},
     ]
+    return [group for group in groups if group["params"]]  # `trainable: text` leaves the first one empty
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -210,7 +211,10 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
     if len(dataset) < global_batch:
         raise VigUError(f"the dataset in {data} has {len(dataset)} training items, fewer than one batch ({global_batch})")
     loader = DataLoader(dataset, batch_size=global_batch, shuffle=True, drop_last=True, collate_fn=collate)
-    optimizer = torch.optim.AdamW(optimizer_groups(model, trained, stage), lr=stage.learning_rate, betas=tuple(stage.betas), weight_decay=stage.weight_decay)
+    optimizer = torch.optim.AdamW(
+        optimizer_groups(model, trained, stage), lr=stage.learning_rate, betas=tuple(stage.betas),
+        weight_decay=stage.weight_decay,
+    )
     # split_batches: the prepared scheduler steps once per optimizer step, whatever the process count
     scheduler = get_scheduler(
         stage.lr_scheduler, optimizer, num_warmup_steps=stage.warmup_steps, num_training_steps=stage.max_steps

@@ -41,6 +41,10 @@ class UniViGUPipelineOutput(BaseOutput):
     texts: Optional[list[str]] = None
 
 
+# The solver settings a call may override (`sampling_settings`); every other one comes from the model.
+SAMPLING_SETTINGS = ("steps", "solver", "shift", "guidance_video", "guidance_text", "text_temperature")
+
+
 class UniViGUPipeline(WanPipeline):
     model_cpu_offload_seq = "text_encoder->transformer->vae"
 
@@ -168,14 +172,14 @@ class UniViGUPipeline(WanPipeline):
     def sampling_settings(self, **overrides) -> dict:
         """The solver settings a call uses: the model's defaults (its config and scheduler shift) with
         the overrides that are not None."""
-        unknown = set(overrides) - {"steps", "solver", "shift", "guidance_video", "guidance_text", "text_temperature"}
+        unknown = set(overrides) - set(SAMPLING_SETTINGS)
         if unknown:
             raise TypeError(f"unknown sampling setting(s): {', '.join(sorted(unknown))}")
         cfg = self.config
         merged = dict(
             steps=cfg.steps, solver=cfg.solver, shift=self.scheduler.config.shift,
             guidance_video=cfg.guidance_video, guidance_text=cfg.guidance_text,
-            text_temperature=cfg.get("text_temperature", 1.0),  # folders saved before the setting existed
+            text_temperature=cfg.text_temperature,
         )
         merged.update({k: v for k, v in overrides.items() if v is not None})
         return merged
