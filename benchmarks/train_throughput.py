@@ -2,6 +2,8 @@
 
 Measured in one run, on the same model, batch and steps (a world-tiny recall step: video + prompt text):
 - cached: `CachedVideoTextDataset` + DataLoader (what `vigu train` does);
+- cached, compiled: the same with `torch.compile` of the model (`train.<stage>.compile: true`); its first
+  step, which compiles, is timed on its own;
 - on the fly: read each clip's mp4, fit it to the model's shape, VAE-encode it, umT5-encode its prompt
   and tokenize it, every step (what training without the cache would do);
 - MFU: the model's matmul FLOPs per second over the peak of a large matmul measured in the same run,
@@ -64,10 +66,10 @@ def run(args) -> None:
     m = recipe.model
     lines = [line for line in read_lines(work / "data" / MANIFEST) if line.status == "ok"]
 
-    def train_step(latents, ids, cond, step):
+    def train_step(latents, ids, cond, step, forward=model):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            loss, _ = unified_objective(model, flow, recipe.flow, latents.float(), ids, cond,
-                                        torch.Generator().manual_seed(step))
+            loss, _ = unified_objective(forward, flow, recipe.flow, latents.float(), ids, cond,
+                                        torch.Generator().manual_seed(step), core=model)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -89,26 +91,32 @@ def run(args) -> None:
                 yield pipe.encode_video(clips), pipe.text_ids(prompts), pipe.encode_condition(prompts, "cpu")
 
     results = {}
-    for name, source in (("cached", cached_batches()), ("on the fly", on_the_fly_batches())):
+    runs = (("cached", cached_batches(), model), ("on the fly", on_the_fly_batches(), model),
+            ("compiled", cached_batches(), torch.compile(model)))
+    for name, source, forward in runs:
         latents, ids, cond = next(source)
-        train_step(latents, ids, cond, 0)  # warm-up
+        start = time.perf_counter()
+        train_step(latents, ids, cond, 0, forward)  # warm-up (compiled: the compile)
+        first = time.perf_counter() - start
         start = time.perf_counter()
         for step in range(args.steps):
             latents, ids, cond = next(source)
-            train_step(latents, ids, cond, step + 1)
+            train_step(latents, ids, cond, step + 1, forward)
         seconds = (time.perf_counter() - start) / args.steps
         video_tokens = math.prod(latents.shape[2:]) // math.prod(model.config.patch_size)
-        results[name] = (seconds, video_tokens, ids.shape[1], cond.shape[1])
+        results[name] = (seconds, video_tokens, ids.shape[1], cond.shape[1], first)
 
     peak = matmul_peak(dtype)
     print(f"world-tiny recall step, batch {args.batch}, {args.threads} thread(s), {'bf16 autocast' if args.bf16 else 'fp32'}, "
           f"{args.steps} steps each (after one warm-up)")
-    for name, (seconds, video_tokens, text_tokens, prompt_tokens) in results.items():
+    for name, (seconds, video_tokens, text_tokens, prompt_tokens, first) in results.items():
         tokens = args.batch * (video_tokens + text_tokens)
         flops = step_flops(model, args.batch, video_tokens, text_tokens, prompt_tokens)
-        print(f"  {name:11s} {seconds:7.3f} s/step  {tokens / seconds:9.0f} tokens/s  MFU {flops / seconds / peak:6.1%}")
-    cached, fly = results["cached"][0], results["on the fly"][0]
+        print(f"  {name:11s} {seconds:7.3f} s/step  {tokens / seconds:9.0f} tokens/s  MFU {flops / seconds / peak:6.1%}"
+              f"  (first step {first:.1f} s)")
+    cached, fly, compiled = (results[k][0] for k in ("cached", "on the fly", "compiled"))
     print(f"  cached / on the fly speed-up: {fly / cached:.2f}x")
+    print(f"  compiled / eager speed-up (cached): {cached / compiled:.2f}x")
     print(f"  matmul peak ({'bf16' if args.bf16 else 'fp32'}, 2048^3, same run): {peak / 1e9:.0f} GFLOP/s")
 
 

@@ -20,6 +20,7 @@ TINY = [
     # fp32 on CPU, so resume and multi-process runs compare exactly
     "train.base.mixed_precision=auto", "train.recall.mixed_precision=auto", "train.refine.mixed_precision=auto",
     "train.recall.ema_decay=0", "train.refine.ema_decay=0",  # the trained weights themselves, unless a test asks
+    "train.recall.compile=false", "train.refine.compile=false",  # eager: exact comparisons, no compile time
 ]
 # The same with diffusers' real AutoencoderKLWan (random, tiny) instead of the world's patch autoencoder.
 TINY_WAN_VAE = TINY + [

@@ -217,3 +217,31 @@ def test_resuming_a_finished_run_keeps_one_line_per_validation(tiny_data, tmp_pa
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [2, 4]
     train(recipe_for(tiny_data, tmp_path, *extra), "recall", resume=True)  # validates and saves again
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [2, 4]
+
+
+def test_compile_trains_the_same_model_and_saves_plain_weights(tiny_data, tmp_path):
+    """`compile: true` (torch.compile through Accelerate): the losses follow the eager run's, checkpoints and the
+    final folder hold the plain module's names, and `--resume` continues from them."""
+    short = ("train.recall.max_steps=3", "train.recall.checkpoint_every=2")
+    eager = train(recipe_for(tiny_data, tmp_path / "eager", *short), "recall")
+    torch._dynamo.reset()
+    compiled = train(recipe_for(tiny_data, tmp_path / "compiled", *short, "train.recall.compile=true"), "recall")
+    for a, b in zip(metrics(eager.parent / "metrics.jsonl"), metrics(compiled.parent / "metrics.jsonl"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-2)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the steps ran through torch.compile
+    assert set(weights(compiled.parent)) == set(weights(eager.parent))
+    assert not [k for k in load_file(checkpoints(compiled.parent)[-1] / "model.safetensors") if "_orig_mod" in k]
+    more = train(recipe_for(tiny_data, tmp_path / "compiled", "train.recall.max_steps=4", "train.recall.compile=true"),
+                 "recall", resume=True)
+    assert [m["step"] for m in metrics(more.parent / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_compile_without_a_cpp_compiler_is_one_line(tiny_data, tmp_path, monkeypatch):
+    from torch._inductor import cpp_builder, exc
+
+    def missing():
+        raise exc.InvalidCxxCompiler()
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", missing)
+    with pytest.raises(VigUError, match="compile needs a C\\+\\+ compiler.*compile=false"):
+        train(recipe_for(tiny_data, tmp_path, "train.recall.compile=true"), "recall")

@@ -166,6 +166,7 @@ class StageSection:
     ema_decay: float = 0.0  # > 0: keep an exponential moving average of the trained weights and save it (DDP/one process)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the transformer's training forward (inductor); the first step compiles
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10

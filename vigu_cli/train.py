@@ -174,6 +174,21 @@ def drop_condition(embeds: torch.Tensor, empty: torch.Tensor, p: float, generato
 # ----------------------------------------------------------------------------------------------------
 
 
+def check_compiler(device: torch.device, stage_name: str) -> None:
+    """On CPU, torch.compile (inductor) builds C++ kernels: say so in one line when no compiler works."""
+    if device.type != "cpu":
+        return
+    from torch._inductor import cpp_builder, exc
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        raise VigUError(
+            f"train.{stage_name}.compile needs a C++ compiler on CPU (g++ or clang++, or $CXX): install one, or pass "
+            f"--set train.{stage_name}.compile=false"
+        ) from None
+
+
 def mixed_precision(stage: StageSection) -> str:
     if stage.mixed_precision != "auto":
         return stage.mixed_precision
@@ -221,6 +236,9 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
     )
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     core = accelerator.unwrap_model(model)
+    if stage.compile:  # here, not Accelerate's dynamo plugin: its state is per process, set by the first Accelerator
+        check_compiler(accelerator.device, stage_name)
+        model = torch.compile(model)
     ema = EMAModel(trained, decay=stage.ema_decay) if stage.ema_decay > 0 else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
