@@ -88,6 +88,7 @@ def test_two_processes_match_one_process_with_twice_the_batch(tiny_data, tmp_pat
         cwd=ROOT, env=env, capture_output=True, text=True,
     )
     assert two.returncode == 0, two.stderr[-3000:]
+    assert (two.stdout + two.stderr).count("wrote ") == 1  # the final folder is reported by the main process only
     a, b = metrics(one.parent / "metrics.jsonl"), metrics(tmp_path / "two" / "recall" / "metrics.jsonl")
     assert [m["step"] for m in a] == [m["step"] for m in b]
     for x, y in zip(a, b):

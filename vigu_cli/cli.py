@@ -103,9 +103,13 @@ def train(
             table.add_row(name, value)
         Console().print(table)
         return
+    from accelerate import PartialState
+
     from .train import train as run
 
-    console.print(f"wrote {run(loaded, stage, resume=resume)}")
+    folder = run(loaded, stage, resume=resume)
+    if PartialState().is_main_process:  # under torchrun / accelerate launch, once
+        console.print(f"wrote {folder}")
 
 
 # ----------------------------------------------------------------------------------------------------
