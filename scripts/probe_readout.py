@@ -34,7 +34,6 @@ def features(pipe, dataset: CachedVideoTextDataset, count: int, batch: int = 32)
     """`[N, 2, blocks, D]`: the video and text features of the first `count` items, per block."""
     model = pipe.transformer
     length, vocab = pipe.config.text_max_length, model.config.text_vocab_size
-    video_tokens = None
     out = []
     for start in range(0, min(count, len(dataset)), batch):
         items = collate([dataset[i] for i in range(start, min(start + batch, count, len(dataset)))])
@@ -97,8 +96,10 @@ def main() -> None:
     for attribute in ATTRIBUTES:
         keep_train = [i for i, t in enumerate(train_truth) if t[attribute]]
         keep_val = [i for i, t in enumerate(val_truth) if t[attribute]]
+        train_y = [train_truth[i][attribute] for i in keep_train]
+        val_y = [val_truth[i][attribute] for i in keep_val]
         cells = [
-            f"{ridge_accuracy(train_x[keep_train, k, b], [train_truth[i][attribute] for i in keep_train], val_x[keep_val, k, b], [val_truth[i][attribute] for i in keep_val]):.2f}"
+            f"{ridge_accuracy(train_x[keep_train, k, b], train_y, val_x[keep_val, k, b], val_y):.2f}"
             for k in range(2) for b in range(blocks)
         ]
         table.add_row(attribute, *cells)

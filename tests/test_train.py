@@ -221,7 +221,7 @@ def test_resuming_a_finished_run_keeps_one_line_per_validation(tiny_data, tmp_pa
 
 
 def test_compile_trains_the_same_model_and_saves_plain_weights(tiny_data, tmp_path):
-    """`compile: true` (torch.compile through Accelerate): the losses follow the eager run's, checkpoints and the
+    """`compile: true` (torch.compile of the prepared model): the losses follow the eager run's, checkpoints and the
     final folder hold the plain module's names, and `--resume` continues from them."""
     short = ("train.recall.max_steps=3", "train.recall.checkpoint_every=2")
     eager = train(recipe_for(tiny_data, tmp_path / "eager", *short), "recall")
