@@ -1,6 +1,7 @@
 """Where the world's attributes are readable: linear probes of a model's hidden states, block by block.
 
-For each block, two features per clip (clean video at timestep 0, the text stream all noise tokens, no prompt):
+For each block, two features per clip (the video at `--video-sigma`, 0 = clean, the text stream all noise tokens,
+no prompt):
   video  the mean over video tokens of the block's video output, layer-normalised (what uniform attention reads)
   text   the shared self-attention's output at the first text positions (what the text stream does read)
 and, per world attribute, a ridge classifier (standardised features) fit on the dataset's training items and
@@ -20,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vigu_cli.core.convert import load_pipeline
+from vigu_cli.core.flow import interpolate
 from vigu_cli.data import world
 from vigu_cli.data.cache import CachedVideoTextDataset, collate
 from vigu_cli.data.manifest import MANIFEST, read_lines
@@ -30,7 +32,7 @@ TEXT_POSITIONS = 6
 
 
 @torch.no_grad()
-def features(pipe, dataset: CachedVideoTextDataset, count: int, batch: int = 32) -> torch.Tensor:
+def features(pipe, dataset: CachedVideoTextDataset, count: int, video_sigma: float = 0.0, batch: int = 32) -> torch.Tensor:
     """`[N, 2, blocks, D]`: the video and text features of the first `count` items, per block."""
     model = pipe.transformer
     length, vocab = pipe.config.text_max_length, model.config.text_vocab_size
@@ -38,6 +40,8 @@ def features(pipe, dataset: CachedVideoTextDataset, count: int, batch: int = 32)
     for start in range(0, min(count, len(dataset)), batch):
         items = collate([dataset[i] for i in range(start, min(start + batch, count, len(dataset)))])
         latents = items["latents"].float()
+        latents = interpolate(latents, torch.randn(latents.shape, generator=torch.Generator().manual_seed(start)),
+                              torch.full((latents.shape[0],), video_sigma))
         video_tokens = latents[0, 0].numel() // int(np.prod(model.config.patch_size))
         size = latents.shape[0]
         attn, blocks = [], []
@@ -45,7 +49,7 @@ def features(pipe, dataset: CachedVideoTextDataset, count: int, batch: int = 32)
         hooks += [b.register_forward_hook(lambda m, i, o: blocks.append(o[0])) for b in model.blocks]
         noise = torch.randint(0, vocab, (size, length), generator=torch.Generator().manual_seed(start))
         try:
-            pipe.model_fn(latents, noise, torch.zeros(size), torch.full((size,), 1000.0),
+            pipe.model_fn(latents, noise, torch.full((size,), 1000.0 * video_sigma), torch.full((size,), 1000.0),
                           pipe.encode_condition([""] * size, "cpu"))
         finally:
             for hook in hooks:
@@ -76,6 +80,7 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="a world dataset built for this model (vigu build-dataset)")
     parser.add_argument("--train-items", type=int, default=640)
     parser.add_argument("--recipe", default="world-tiny")
+    parser.add_argument("--video-sigma", type=float, default=0.0, help="noise level of the video (0: clean)")
     args = parser.parse_args()
 
     pipe = load_pipeline(args.model, load_recipe(args.recipe))
@@ -84,11 +89,12 @@ def main() -> None:
     for split, count in (("train", args.train_items), ("val", 10**9)):
         dataset = CachedVideoTextDataset(args.data, split)
         truth = [world.parse_caption(captions[item_id]) for item_id, _ in dataset.items[:count]]
-        splits[split] = (features(pipe, dataset, count), truth)
+        splits[split] = (features(pipe, dataset, count, args.video_sigma), truth)
 
     (train_x, train_truth), (val_x, val_truth) = splits["train"], splits["val"]
     blocks = train_x.shape[2]
-    table = Table(title=f"linear probes of {args.model} ({len(train_truth)} fit, {len(val_truth)} scored)")
+    table = Table(title=f"linear probes of {args.model} at video sigma {args.video_sigma} "
+                        f"({len(train_truth)} fit, {len(val_truth)} scored)")
     table.add_column("attribute")
     for kind in ("video", "text"):
         for b in range(blocks):
