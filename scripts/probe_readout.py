@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vigu_cli.core.convert import load_pipeline
-from vigu_cli.core.flow import interpolate
+from vigu_cli.core.flow import interpolate, sigma_to_timestep
 from vigu_cli.data import world
 from vigu_cli.data.cache import CachedVideoTextDataset, collate
 from vigu_cli.data.manifest import MANIFEST, read_lines
@@ -32,7 +32,9 @@ TEXT_POSITIONS = 6
 
 
 @torch.no_grad()
-def features(pipe, dataset: CachedVideoTextDataset, count: int, video_sigma: float = 0.0, batch: int = 32) -> torch.Tensor:
+def features(
+    pipe, dataset: CachedVideoTextDataset, count: int, video_sigma: float = 0.0, batch: int = 32
+) -> torch.Tensor:
     """`[N, 2, blocks, D]`: the video and text features of the first `count` items, per block."""
     model = pipe.transformer
     length, vocab = pipe.config.text_max_length, model.config.text_vocab_size
@@ -40,16 +42,17 @@ def features(pipe, dataset: CachedVideoTextDataset, count: int, video_sigma: flo
     for start in range(0, min(count, len(dataset)), batch):
         items = collate([dataset[i] for i in range(start, min(start + batch, count, len(dataset)))])
         latents = items["latents"].float()
-        latents = interpolate(latents, torch.randn(latents.shape, generator=torch.Generator().manual_seed(start)),
-                              torch.full((latents.shape[0],), video_sigma))
-        video_tokens = latents[0, 0].numel() // int(np.prod(model.config.patch_size))
         size = latents.shape[0]
+        sigma_v = torch.full((size,), video_sigma)
+        noise_v = torch.randn(latents.shape, generator=torch.Generator().manual_seed(start))
+        latents = interpolate(latents, noise_v, sigma_v)
+        video_tokens = latents[0, 0].numel() // int(np.prod(model.config.patch_size))
         attn, blocks = [], []
         hooks = [b.attn1.register_forward_hook(lambda m, i, o: attn.append(o[:, video_tokens:])) for b in model.blocks]
         hooks += [b.register_forward_hook(lambda m, i, o: blocks.append(o[0])) for b in model.blocks]
         noise = torch.randint(0, vocab, (size, length), generator=torch.Generator().manual_seed(start))
         try:
-            pipe.model_fn(latents, noise, torch.full((size,), 1000.0 * video_sigma), torch.full((size,), 1000.0),
+            pipe.model_fn(latents, noise, sigma_to_timestep(sigma_v), sigma_to_timestep(torch.ones(size)),
                           pipe.encode_condition([""] * size, "cpu"))
         finally:
             for hook in hooks:
