@@ -166,3 +166,21 @@ def test_task_corners_only_where_both_streams_train():
     unified_objective(model, EmbeddingTextFlow(), cfg, latents, ids, condition,
                       torch.Generator().manual_seed(0))
     assert 0.3 < float((seen[-1] == 0).float().mean()) < 0.7
+
+
+def test_each_stream_walks_its_own_time_grid():
+    """The text stream steps through the grid of `text_shift`, the video through that of `shift`; without
+    a text shift both walk the video's."""
+    seen = []
+
+    def model_fn(x_v, x_t, t_v, t_t, condition):
+        seen.append((float(t_v[0]), float(t_t[0])))
+        return torch.zeros_like(x_v), torch.zeros_like(x_t)
+
+    video, text = Stream(torch.zeros(1, 4)), Stream(torch.zeros(1, 3, 2))
+    FlowSolver(6, "euler", 3.0, text_shift=0.5)(model_fn, video, text, EmbeddingTextFlow())
+    assert seen == list(zip(time_grid(6, 3.0)[1].tolist(), time_grid(6, 0.5)[1].tolist()))
+    assert seen[1][1] < seen[1][0]  # a shift below 1 spends the steps nearer clean text
+    seen.clear()
+    FlowSolver(6, "euler", 3.0)(model_fn, video, text, EmbeddingTextFlow())
+    assert seen == [(t, t) for t in time_grid(6, 3.0)[1].tolist()]

@@ -125,7 +125,7 @@ def test_caption_of_an_mp4_equals_pipeline_caption_on_the_same_tensor(vigu, mode
     assert hinted.code == 0 and len(hinted.lines) == 1 and hinted.lines[0] != expected  # the hint conditions
 
 
-def test_text_temperature_reaches_the_discrete_solver(vigu, tiny_wan_dir, clip_path, tmp_path):
+def test_text_sampling_options_reach_the_discrete_solver(vigu, tiny_wan_dir, clip_path, tmp_path):
     pipe = load_pipeline(tiny_wan_dir, tiny_recipe("text.formulation=discrete"))
     torch.manual_seed(1)
     for p in pipe.transformer.parameters():
@@ -133,14 +133,17 @@ def test_text_temperature_reaches_the_discrete_solver(vigu, tiny_wan_dir, clip_p
     model = save_folder(pipe, tmp_path / "discrete")
     clip = frames_to_tensor(load_clip(clip_path, 9, 16, 16))[None]
     captions = {}
-    for temperature in ("0", "1"):
-        run = vigu("caption", clip_path, "--model", model, "--seed", "3", "--text-temperature", temperature, "--json")
+    for temperature, order, text_shift in (("0", "random", "3"), ("1", "random", "3"), ("0", "confidence", "0.5")):
+        run = vigu("caption", clip_path, "--model", model, "--seed", "3", "--text-temperature", temperature,
+                   "--text-order", order, "--text-shift", text_shift, "--json")
         record = json.loads(run.stdout)
-        assert record["text_temperature"] == float(temperature)
-        expected = pipe.caption(clip, generator=torch.Generator().manual_seed(3), text_temperature=float(temperature))
+        assert (record["text_temperature"], record["text_order"], record["text_shift"]) == (
+            float(temperature), order, float(text_shift))
+        expected = pipe.caption(clip, generator=torch.Generator().manual_seed(3), text_temperature=float(temperature),
+                                text_order=order, text_shift=float(text_shift))
         assert record["caption"] == expected.texts[0]
-        captions[temperature] = record["caption"]
-    assert captions["0"] != captions["1"]
+        captions[temperature, order] = record["caption"]
+    assert len(set(captions.values())) == 3
 
 
 def test_joint_on_the_command_line_writes_mp4_caption_and_sidecar(model_dir, tmp_path):
@@ -231,6 +234,10 @@ BAD = {
                              "error: --text-temperature must be at least 0 (0: the most likely token), got -0.5"),
     "temperature of an embedding flow": (["caption", "{clip}", "--text-temperature", "0"],
                                          "error: --text-temperature: "),
+    "unknown text order": (["caption", "{clip}", "--text-order", "sorted"],
+                           "error: unknown --text-order 'sorted': use random or confidence"),
+    "text order of an embedding flow": (["caption", "{clip}", "--text-order", "confidence"],
+                                        "error: --text-order: "),
     "zero batch": (["generate", "a red circle moving left", "--batch", "0"], "error: --batch must be at least 1, got 0"),
     "out of vocabulary": (["joint", "a red circle moving left", "a cat surfing"],
                           "error: the model's vocabulary has no words 'cat', 'surfing' (in \"a cat surfing\"): it knows "

@@ -7,7 +7,14 @@ import torch
 
 from vigu_cli.core.flow import FlowSolver, Stream
 from vigu_cli.core.model import UniViGUTransformer
-from vigu_cli.core.text import DiscreteTextFlow, EmbeddingTextFlow, decode_ids, encode_texts, make_text_flow
+from vigu_cli.core.text import (
+    TEXT_ORDERS,
+    DiscreteTextFlow,
+    EmbeddingTextFlow,
+    decode_ids,
+    encode_texts,
+    make_text_flow,
+)
 from vigu_cli.data.world_text import build_world_tokenizer
 from vigu_cli.recipe import TextSection
 
@@ -62,8 +69,10 @@ def test_discrete_noising_follows_kappa():
     assert torch.allclose(kept, expected, atol=0.01)
 
 
-def test_discrete_solver_reaches_a_sharp_target():
-    """With logits that put all mass on one sequence, the discrete Euler jumps end exactly on it."""
+@pytest.mark.parametrize("order", TEXT_ORDERS)
+def test_discrete_solver_reaches_a_sharp_target(order):
+    """With logits that put all mass on one sequence, the discrete Euler jumps end exactly on it, in
+    either order."""
     flow = DiscreteTextFlow(V)
     target = torch.randint(0, V, (3, 10), generator=torch.Generator().manual_seed(0))
 
@@ -71,8 +80,25 @@ def test_discrete_solver_reaches_a_sharp_target():
         return None, torch.nn.functional.one_hot(target, V).float() * 50.0
 
     start = flow.noise(None, 3, 10, torch.Generator().manual_seed(1))
-    _, out = FlowSolver(8, "heun", 3.0)(model_fn, None, Stream(start), flow, generator=torch.Generator().manual_seed(2))
+    solver = FlowSolver(8, "heun", 3.0)
+    _, out = solver(model_fn, None, Stream(start), flow, generator=torch.Generator().manual_seed(2), text_order=order)
     assert torch.equal(out, target)
+
+
+def test_confidence_order_gives_the_surest_tokens_their_draw_and_keeps_the_rest():
+    """From sigma 0.75 to 0.5, kappa(0.5) * L = 5 of 10 positions jump: the five whose most likely token
+    is most likely, whatever their place; the others keep their token; the last step takes every draw."""
+    flow = DiscreteTextFlow(V)
+    target = torch.randint(0, V, (2, 10), generator=torch.Generator().manual_seed(0))
+    sureness = torch.rand(2, 10, generator=torch.Generator().manual_seed(1)) * 5
+    logits = torch.nn.functional.one_hot(target, V).float() * sureness[..., None]
+    x = (target + 1) % V  # every position holds another token
+    out = flow.step(x, logits, torch.tensor(0.75), torch.tensor(0.5), temperature=0, order="confidence")
+    surest = torch.zeros(2, 10, dtype=torch.bool).scatter_(1, sureness.topk(5, dim=1).indices, True)
+    assert torch.equal(out, torch.where(surest, target, x))
+    assert torch.equal(flow.step(out, logits, torch.tensor(0.5), torch.tensor(0.0), temperature=0, order="confidence"), target)
+    with pytest.raises(ValueError, match="unknown text_order 'sorted': use random or confidence"):
+        flow.step(x, logits, torch.tensor(0.75), torch.tensor(0.5), order="sorted")
 
 
 def test_discrete_temperature_zero_takes_the_most_likely_token_and_one_samples():

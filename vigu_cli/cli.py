@@ -128,9 +128,14 @@ SAMPLING_OPTIONS = {  # name: (annotation, default); a command receives them as 
         "--guidance-video", help="Classifier-free guidance scale of the video stream (default: the model's).")], None),
     "guidance_text": (Annotated[Optional[float], typer.Option(
         "--guidance-text", help="Classifier-free guidance scale of the text stream (default: the model's).")], None),
+    "text_shift": (Annotated[Optional[float], typer.Option(
+        "--text-shift", help="Time-grid shift of the text stream (default: the model's, else --shift).")], None),
     "text_temperature": (Annotated[Optional[float], typer.Option(
         "--text-temperature", help="Discrete text flow: temperature of each token draw, 0 = the most likely token "
         "(default: the model's).")], None),
+    "text_order": (Annotated[Optional[str], typer.Option(
+        "--text-order", help="Discrete text flow: which tokens jump at each step, random (the official sampler) "
+        "| confidence (most likely first) (default: the model's).")], None),
     "seed": (Annotated[int, typer.Option("--seed", help="Sample i uses seed + i, whatever the batch.")], 0),
     "batch": (Annotated[int, typer.Option("--batch", "-b", help="Samples per solver call.")], 1),
     "device": (Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")], "auto"),

@@ -137,7 +137,9 @@ class SamplingSection:
     shift: float = 3.0
     guidance_video: float = 5.0
     guidance_text: float = 1.0
+    text_shift: Optional[float] = None  # the text stream's time-grid shift (None: `shift`)
     text_temperature: float = 1.0  # discrete text flow's token draws (0: the most likely token); no effect on embedding
+    text_order: Literal["random", "confidence"] = "random"  # discrete flow: which tokens jump (random: official)
     generate_text: Literal["prompt", "none"] = "prompt"  # text stream of `generate`: clean prompt tokens, or none
     seed: int = 0
 

@@ -28,6 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .core.convert import load_pipeline
 from .core.pipeline import SAMPLING_SETTINGS, UniViGUPipeline, UniViGUPipelineOutput
+from .core.text import TEXT_ORDERS
 from .data.manifest import write_json, write_text
 from .data.video_io import frames_to_tensor, load_clip, write_video
 from .errors import VigUError
@@ -48,7 +49,9 @@ class SamplingOptions:
     shift: Optional[float] = None
     guidance_video: Optional[float] = None
     guidance_text: Optional[float] = None
+    text_shift: Optional[float] = None
     text_temperature: Optional[float] = None
+    text_order: Optional[str] = None
     seed: int = 0
     batch: int = 1  # samples per solver call
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -59,7 +62,8 @@ class SamplingOptions:
         for name, allowed in CHOICES.items():
             value = getattr(self, name)
             if value is not None and value not in allowed:
-                raise VigUError(f"unknown --{name} '{value}': use {', '.join(allowed[:-1])} or {allowed[-1]}")
+                flag = name.replace("_", "-")
+                raise VigUError(f"unknown --{flag} '{value}': use {', '.join(allowed[:-1])} or {allowed[-1]}")
         for name in ("steps", "batch"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -74,7 +78,7 @@ class SamplingOptions:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name in SAMPLING_SETTINGS}
 
 
-CHOICES = {"solver": ("euler", "heun"), "dtype": ("auto", *DTYPES)}
+CHOICES = {"solver": ("euler", "heun"), "text_order": TEXT_ORDERS, "dtype": ("auto", *DTYPES)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -118,9 +122,10 @@ def load_model(options: SamplingOptions) -> UniViGUPipeline:
         )
     if pipe.transformer.dtype != dtype:  # a stock Wan folder converted on the fly comes out in float32
         pipe.transformer.to(dtype)
-    if options.text_temperature not in (None, 1.0) and pipe.text_flow.continuous:
-        raise VigUError(f"--text-temperature: {options.model} uses the {pipe.text_flow.name} text flow, which draws "
-                        "no tokens (the option is for the discrete flow); leave it out")
+    for name, inert in (("text_temperature", 1.0), ("text_order", "random")):
+        if getattr(options, name) not in (None, inert) and pipe.text_flow.continuous:
+            raise VigUError(f"--{name.replace('_', '-')}: {options.model} uses the {pipe.text_flow.name} text flow, "
+                            "which draws no tokens (the option is for the discrete flow); leave it out")
     return pipe.to(device)
 
 

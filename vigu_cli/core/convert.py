@@ -77,7 +77,9 @@ def vigu_from_wan(wan: WanPipeline, recipe: Recipe) -> UniViGUPipeline:
         solver=sampling.solver,
         guidance_video=sampling.guidance_video,
         guidance_text=sampling.guidance_text,
+        text_shift=sampling.text_shift,
         text_temperature=sampling.text_temperature,
+        text_order=sampling.text_order,
         generate_text=sampling.generate_text,
     )
 

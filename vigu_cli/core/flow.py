@@ -190,14 +190,17 @@ def time_grid(steps: int, shift: float, device=None) -> tuple[torch.Tensor, torc
 
 class FlowSolver:
     """Integrates whichever streams are not frozen from sigma = 1 to 0 (Euler or Heun), with
-    classifier-free guidance on the prompt condition and a scale per stream."""
+    classifier-free guidance on the prompt condition and a scale per stream. The streams take the same
+    number of steps, each on its own time grid: `shift` for the video, `text_shift` (default: `shift`)
+    for the text."""
 
-    def __init__(self, steps: int = 25, method: str = "euler", shift: float = 3.0):
+    def __init__(self, steps: int = 25, method: str = "euler", shift: float = 3.0, text_shift: Optional[float] = None):
         if method not in ("euler", "heun"):
             raise ValueError(f"unknown solver '{method}': use euler or heun")
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         self.steps, self.method, self.shift = steps, method, shift
+        self.text_shift = shift if text_shift is None else text_shift
 
     def __call__(
         self,
@@ -212,9 +215,12 @@ class FlowSolver:
         generator: Optional[torch.Generator] = None,
         callback: Optional[Callable[[int, int], None]] = None,
         text_temperature: float = 1.0,
+        text_order: str = "random",
     ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         some = video.x if video is not None else text.x
-        sigmas, timesteps = time_grid(self.steps, self.shift, device=some.device)
+        # each stream has its own timestep input, so each walks its own grid (the same steps, its shift)
+        sigmas_v, timesteps_v = time_grid(self.steps, self.shift, device=some.device)
+        sigmas_t, timesteps_t = time_grid(self.steps, self.text_shift, device=some.device)
         batch = some.shape[0]
         guided = uncondition is not None and (guidance_video > 1.0 or guidance_text > 1.0)
 
@@ -222,11 +228,11 @@ class FlowSolver:
             if stream is None:
                 return None
             if stream.frozen:
-                return torch.full((batch,), stream.frozen_sigma * 1000.0, device=some.device)
+                return sigma_to_timestep(torch.full((batch,), float(stream.frozen_sigma), device=some.device))
             return timestep.expand(batch)
 
-        def predict(x_v, x_t, timestep):
-            t_v, t_t = timestep_of(video, timestep), timestep_of(text, timestep)
+        def predict(x_v, x_t, i):
+            t_v, t_t = timestep_of(video, timesteps_v[i]), timestep_of(text, timesteps_t[i])
             pred_v, pred_t = model_fn(x_v, x_t, t_v, t_t, condition)
             if guided:
                 un_v, un_t = model_fn(x_v, x_t, t_v, t_t, uncondition)
@@ -238,17 +244,19 @@ class FlowSolver:
         flows_v = video is not None and not video.frozen
         flows_t = text is not None and not text.frozen
         for i in range(self.steps):
-            sigma, sigma_next = sigmas[i], sigmas[i + 1]
-            dt = sigma_next - sigma
-            d_v, d_t = predict(x_v, x_t, timesteps[i])
-            new_v = x_v + dt * d_v if flows_v else x_v
-            new_t = text_flow.step(x_t, d_t, sigma, sigma_next, generator, text_temperature) if flows_t else x_t
-            if self.method == "heun" and sigma_next > 0:
-                e_v, e_t = predict(new_v, new_t, timesteps[i + 1])
+            dt_v, dt_t = sigmas_v[i + 1] - sigmas_v[i], sigmas_t[i + 1] - sigmas_t[i]
+            d_v, d_t = predict(x_v, x_t, i)
+            new_v = x_v + dt_v * d_v if flows_v else x_v
+            if flows_t:
+                new_t = text_flow.step(x_t, d_t, sigmas_t[i], sigmas_t[i + 1], generator, text_temperature, text_order)
+            else:
+                new_t = x_t
+            if self.method == "heun" and i + 1 < self.steps:
+                e_v, e_t = predict(new_v, new_t, i + 1)
                 if flows_v:
-                    new_v = x_v + dt * (d_v + e_v) / 2
+                    new_v = x_v + dt_v * (d_v + e_v) / 2
                 if flows_t and text_flow.continuous:
-                    new_t = x_t + dt * (d_t + e_t) / 2
+                    new_t = x_t + dt_t * (d_t + e_t) / 2
             x_v, x_t = new_v, new_t
             if callback is not None:
                 callback(i + 1, self.steps)

@@ -42,7 +42,9 @@ class UniViGUPipelineOutput(BaseOutput):
 
 
 # The solver settings a call may override (`sampling_settings`); every other one comes from the model.
-SAMPLING_SETTINGS = ("steps", "solver", "shift", "guidance_video", "guidance_text", "text_temperature")
+SAMPLING_SETTINGS = (
+    "steps", "solver", "shift", "guidance_video", "guidance_text", "text_shift", "text_temperature", "text_order",
+)
 
 
 class UniViGUPipeline(WanPipeline):
@@ -71,7 +73,9 @@ class UniViGUPipeline(WanPipeline):
         solver: str = "euler",
         guidance_video: float = 5.0,
         guidance_text: float = 1.0,
+        text_shift: Optional[float] = None,
         text_temperature: float = 1.0,
+        text_order: str = "random",
         generate_text: str = "prompt",
     ):
         super().__init__(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer)
@@ -96,7 +100,9 @@ class UniViGUPipeline(WanPipeline):
             solver=solver,
             guidance_video=guidance_video,
             guidance_text=guidance_text,
+            text_shift=text_shift,
             text_temperature=text_temperature,
+            text_order=text_order,
             generate_text=generate_text,
         )
 
@@ -178,10 +184,12 @@ class UniViGUPipeline(WanPipeline):
         cfg = self.config
         merged = dict(
             steps=cfg.steps, solver=cfg.solver, shift=self.scheduler.config.shift,
-            guidance_video=cfg.guidance_video, guidance_text=cfg.guidance_text,
-            text_temperature=cfg.text_temperature,
+            guidance_video=cfg.guidance_video, guidance_text=cfg.guidance_text, text_shift=cfg.text_shift,
+            text_temperature=cfg.text_temperature, text_order=cfg.text_order,
         )
         merged.update({k: v for k, v in overrides.items() if v is not None})
+        if merged["text_shift"] is None:  # the text stream walks the video's grid
+            merged["text_shift"] = merged["shift"]
         return merged
 
     def _solve(self, video, text, prompts, generator, callback, settings):
@@ -190,10 +198,10 @@ class UniViGUPipeline(WanPipeline):
         condition = self.encode_condition(prompts, device)
         guided = s["guidance_video"] > 1.0 or s["guidance_text"] > 1.0
         uncondition = self.encode_condition([""] * len(prompts), device) if guided and any(prompts) else None
-        solver = FlowSolver(s["steps"], s["solver"], s["shift"])
+        solver = FlowSolver(s["steps"], s["solver"], s["shift"], s["text_shift"])
         return solver(
             self.model_fn, video, text, self.text_flow, condition, uncondition,
-            s["guidance_video"], s["guidance_text"], generator, callback, s["text_temperature"],
+            s["guidance_video"], s["guidance_text"], generator, callback, s["text_temperature"], s["text_order"],
         )
 
     def _noise_video(self, batch: int, generator, height=None, width=None, num_frames=None) -> torch.Tensor:

@@ -7,7 +7,8 @@
   cross-entropy on the predicted clean latent keeps E from collapsing (ours; `text.rounding_weight`).
 - `discrete` (official release): each token is clean with probability kappa(tau) = tau ** n, else a
   draw from the source (uniform over the vocabulary, or the mask token); the model outputs vocabulary
-  logits; loss = cross-entropy; sampling = the discrete Euler jump of the mixture path.
+  logits; loss = cross-entropy; sampling = the discrete Euler jump of the mixture path, in random order
+  (the official CTMC sampler) or most confident tokens first (MaskGIT's order; `text_order`).
 
 The solver, the training loop and the pipeline only call `TextFlow` methods, never branch on which.
 """
@@ -22,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from .flow import _broadcast, draw, draw_per_sample, interpolate, per_sample_mse, predicted_data, velocity_target
+
+TEXT_ORDERS = ("random", "confidence")  # which tokens of the discrete flow jump at a solver step
 
 # ----------------------------------------------------------------------------------------------------
 # Tokens
@@ -88,8 +91,10 @@ class TextFlow:
         """Per-sample loss `[B]` (a per-token mean)."""
         raise NotImplementedError
 
-    def step(self, x, prediction, sigma, sigma_next, generator=None, temperature: float = 1.0) -> torch.Tensor:
-        """One solver step from sigma to sigma_next; `temperature` scales the discrete flow's draws."""
+    def step(self, x, prediction, sigma, sigma_next, generator=None, temperature: float = 1.0,
+             order: str = "random") -> torch.Tensor:
+        """One solver step from sigma to sigma_next; `temperature` scales the discrete flow's draws and
+        `order` says which of its tokens jump."""
         raise NotImplementedError
 
     def decode(self, model, x: torch.Tensor) -> torch.Tensor:
@@ -133,8 +138,8 @@ class EmbeddingTextFlow(TextFlow):
             loss = loss + self.rounding_weight * rounding
         return loss
 
-    def step(self, x, prediction, sigma, sigma_next, generator=None, temperature=1.0):
-        """An Euler step of the ODE; it draws nothing, so `temperature` has no effect."""
+    def step(self, x, prediction, sigma, sigma_next, generator=None, temperature=1.0, order="random"):
+        """An Euler step of the ODE; it draws nothing, so `temperature` and `order` have no effect."""
         return x + (sigma_next - sigma) * prediction
 
     def decode(self, model, x):
@@ -172,18 +177,27 @@ class DiscreteTextFlow(TextFlow):
     def loss(self, model, prediction, sample, ids, sigma):
         return F.cross_entropy(prediction.float().transpose(1, 2), ids, reduction="none").mean(1)
 
-    def step(self, x, prediction, sigma, sigma_next, generator=None, temperature=1.0):
+    def step(self, x, prediction, sigma, sigma_next, generator=None, temperature=1.0, order="random"):
         """Euler jump of the mixture path: draw x1 ~ softmax(logits / temperature) (temperature 0: the
-        argmax); a token that differs jumps to it with probability 1 - exp(-h * kappa' / (1 - kappa)); the
-        last step takes the draw."""
+        argmax). `random` (the official sampler): a token that differs jumps to it with probability
+        1 - exp(-h * kappa' / (1 - kappa)). `confidence` (MaskGIT's order): the kappa(tau_next) * L tokens
+        whose draws are most likely take them and the others keep their value, so a sentence is fixed
+        from its surest words outwards. The last step takes the draw."""
         if temperature < 0:
             raise ValueError(f"text_temperature must be >= 0, got {temperature}")
+        if order not in TEXT_ORDERS:
+            raise ValueError(f"unknown text_order '{order}': use {' or '.join(TEXT_ORDERS)}")
         if temperature == 0:
             draw = prediction.argmax(-1)
         else:
             draw = self._draw(prediction.double() / temperature, generator)
         if float(sigma_next) <= 0.0:
             return draw
+        if order == "confidence":
+            confidence = prediction.float().log_softmax(-1).gather(-1, draw[..., None])[..., 0]
+            count = math.ceil(float(self.kappa(sigma_next)) * x.shape[1])
+            surest = confidence.argsort(dim=-1, descending=True, stable=True)[:, :count]
+            return torch.where(torch.zeros_like(x, dtype=torch.bool).scatter_(1, surest, True), draw, x)
         tau, h = 1.0 - float(sigma), float(sigma - sigma_next)
         kappa = tau**self.exponent
         rate = self.exponent * tau ** (self.exponent - 1) / max(1.0 - kappa, 1e-12)
