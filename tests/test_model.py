@@ -190,6 +190,13 @@ def test_from_wan_copies_video_modules_into_text():
     assert torch.equal(model.norm_out_text.weight, torch.ones(64)) and model.norm_out_text.bias is None
     assert model.norm_out_text.eps == 1e-5
 
+    state = torch.random.get_rng_state()
+    again = UniViGUTransformer.from_wan(stock, **TEXT["embedding"])  # the new parameters come from the seed
+    assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), again.state_dict().values()))
+    assert torch.equal(torch.random.get_rng_state(), state)  # and the caller's random state is untouched
+    other = UniViGUTransformer.from_wan(stock, seed=1, **TEXT["embedding"])
+    assert not torch.equal(other.text_embedding.weight, model.text_embedding.weight)
+
     narrow = UniViGUTransformer.from_wan(stock, **TEXT["embedding"], text_ffn_dim=64)
     assert narrow.blocks[0].ffn_text.net[2].weight.shape == (64, 64)
     assert narrow.blocks[0].ffn.net[2].weight.shape == (64, 256)

@@ -206,11 +206,15 @@ class UniViGUTransformer(WanTransformer3DModel):
         self.scale_shift_table_text.copy_(self.scale_shift_table)
 
     @classmethod
-    def from_wan(cls, stock: WanTransformer3DModel, **text_config: Any) -> "UniViGUTransformer":
+    def from_wan(cls, stock: WanTransformer3DModel, seed: int = 0, **text_config: Any) -> "UniViGUTransformer":
         """Build from a stock Wan transformer: its config plus `text_config`, its weights, and the text
-        copies of its modules. Parameters are fp32 (the training precision; use autocast) on its device."""
+        copies of its modules. Parameters are fp32 (the training precision; use autocast) on its device.
+        The new parameters that are not copies (the text embedding) are drawn from `seed`, so a conversion
+        is the same every time, and the caller's random state is left as it was."""
         config = {k: v for k, v in stock.config.items() if not k.startswith("_")}
-        with torch.device(stock.device):
+        devices = [stock.device] if stock.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.device(stock.device):
+            torch.manual_seed(seed)
             model = cls.from_config({**config, **text_config})
         missing, unexpected = model.load_state_dict(stock.state_dict(), strict=False)
         if unexpected or set(missing) != set(model.text_parameter_names()):
