@@ -62,8 +62,7 @@ class SamplingOptions:
         for name, allowed in CHOICES.items():
             value = getattr(self, name)
             if value is not None and value not in allowed:
-                flag = name.replace("_", "-")
-                raise VigUError(f"unknown --{flag} '{value}': use {', '.join(allowed[:-1])} or {allowed[-1]}")
+                raise VigUError(f"unknown {flag(name)} '{value}': use {', '.join(allowed[:-1])} or {allowed[-1]}")
         for name in ("steps", "batch"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -79,6 +78,11 @@ class SamplingOptions:
 
 
 CHOICES = {"solver": ("euler", "heun"), "text_order": TEXT_ORDERS, "dtype": ("auto", *DTYPES)}
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of a `SamplingOptions` field: text_order -> --text-order."""
+    return "--" + name.replace("_", "-")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -124,7 +128,7 @@ def load_model(options: SamplingOptions) -> UniViGUPipeline:
         pipe.transformer.to(dtype)
     for name, inert in (("text_temperature", 1.0), ("text_order", "random")):
         if getattr(options, name) not in (None, inert) and pipe.text_flow.continuous:
-            raise VigUError(f"--{name.replace('_', '-')}: {options.model} uses the {pipe.text_flow.name} text flow, "
+            raise VigUError(f"{flag(name)}: {options.model} uses the {pipe.text_flow.name} text flow, "
                             "which draws no tokens (the option is for the discrete flow); leave it out")
     return pipe.to(device)
 
