@@ -1,6 +1,7 @@
 """Flow math and the solver on a toy distribution whose exact velocity field is known."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -125,6 +126,9 @@ def test_task_corners():
     understanding, generation = (sigma_v == 0).float().mean(), (sigma_t == 0).float().mean()
     assert abs(float(understanding) - 0.2) < 0.015 and abs(float(generation) - 0.2) < 0.015
     assert not torch.any((sigma_v == 0) & (sigma_t == 0))
+    sigma_v, sigma_t = sample_sigmas(20000, replace(cfg, understanding_share=0.75), torch.Generator().manual_seed(0))
+    understanding, generation = (sigma_v == 0).float().mean(), (sigma_t == 0).float().mean()
+    assert abs(float(understanding) - 0.3) < 0.015 and abs(float(generation) - 0.1) < 0.015
 
 
 def test_unified_loss_weights():

@@ -124,6 +124,7 @@ class FlowSection:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     corner_prob: float = 0.0  # probability of sampling a task corner (tau_v = 1 or tau_t = 1)
+    understanding_share: float = 0.5  # of the corners: understanding (clean video); the rest generation (clean text)
     lambda_video: float = 1.0
     lambda_text: Literal["auto"] | float = "auto"  # "auto": |z_v| / |z_t| (paper)
 

@@ -87,8 +87,8 @@ def sample_sigmas(
 
     `cfg.tau_sampling`: `uniform`; `logit_normal` (sigma = sigmoid(N(logit_mean, logit_std)), SD3);
     `shifted` (uniform, then the scheduler shift `tau_shift`). With probability `cfg.corner_prob` a
-    sample is put on a task corner instead: half of them understanding (video clean, sigma_v = 0),
-    half generation (text clean, sigma_t = 0).
+    sample is put on a task corner instead: a share `cfg.understanding_share` of them understanding (video
+    clean, sigma_v = 0), the rest generation (text clean, sigma_t = 0).
     """
 
     def uniform() -> torch.Tensor:
@@ -102,7 +102,7 @@ def sample_sigmas(
 
     sigma_v, sigma_t = sigma(), sigma()
     corner = uniform() < cfg.corner_prob
-    understanding = uniform() < 0.5
+    understanding = uniform() < cfg.understanding_share
     sigma_v = torch.where(corner & understanding, torch.zeros_like(sigma_v), sigma_v)
     sigma_t = torch.where(corner & ~understanding, torch.zeros_like(sigma_t), sigma_t)
     return sigma_v, sigma_t
