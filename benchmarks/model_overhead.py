@@ -25,6 +25,7 @@ import time
 import torch
 from diffusers import WanTransformer3DModel
 
+from vigu_cli.core.convert import text_stream_config
 from vigu_cli.core.model import UniViGUTransformer
 from vigu_cli.recipe import load_recipe
 
@@ -110,13 +111,8 @@ def arch_of(recipe_name: str, **changes) -> tuple[dict, dict]:
     arch = dataclasses.asdict(recipe.model.transformer)
     arch["patch_size"] = tuple(arch["patch_size"])
     arch.update(changes)
-    text = dict(
-        text_formulation="embedding",
-        text_vocab_size=1000,  # E is not used by the forward pass; its size does not matter here
-        text_latent_dim=recipe.text.latent_dim,
-        text_ffn_dim=recipe.text.ffn_text_dim or None,
-        text_max_length=recipe.text.max_length,
-    )
+    # E is not used by the forward pass; its size does not matter here
+    text = {**text_stream_config(recipe, 1000), "text_formulation": "embedding"}
     return arch, text
 
 

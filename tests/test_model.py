@@ -252,3 +252,32 @@ def test_bf16_autocast_and_lora_scale():
     assert not torch.allclose(lora.text_sample, fp32.text_sample)
     torch.testing.assert_close(lora_off.text_sample, fp32.text_sample)
     torch.testing.assert_close(lora_off.sample, fp32.sample)
+
+
+def test_own_text_attention_starts_as_shared_and_then_leaves_the_video_path_alone():
+    x = inputs(formulation="discrete")
+    shared, own = unified("discrete", seed=4), unified("discrete", seed=4, text_attention="own")
+    missing, _ = own.load_state_dict(shared.state_dict(), strict=False)  # the same weights, then attn1_text
+    own._copy_video_to_text()                                          # from attn1, as from_wan does
+    assert missing and all(".attn1_text." in name for name in missing)
+    names = own.text_parameter_names()
+    assert {f"blocks.{i}.attn1_text.to_q.weight" for i in range(2)} <= set(names)
+    assert set(own.wan_state_dict()) == set(shared.wan_state_dict())
+    with torch.no_grad():  # a copy of attn1 at the start: the same outputs as shared attention
+        a, b = shared(**x), own(**x)
+    assert torch.allclose(a.sample, b.sample, atol=1e-5) and torch.allclose(a.text_sample, b.text_sample, atol=1e-5)
+
+    # A text loss trains attn1_text and leaves attn1 without gradient from text tokens alone (no video tokens).
+    out = own(hidden_states=None, timestep=None, encoder_hidden_states=x["encoder_hidden_states"],
+              text_states=x["text_states"], timestep_text=x["timestep_text"])
+    out.text_sample.square().mean().backward()
+    video_grad = own.blocks[0].attn1.to_q.weight.grad
+    assert video_grad is None or not video_grad.any()
+    assert own.blocks[0].attn1_text.to_q.weight.grad.abs().sum() > 0
+
+    # The video tokens' attention reads text keys made by attn1_text: changing it moves the joint video output
+    own.zero_grad()
+    with torch.no_grad():
+        before = own(**x).sample
+        own.blocks[0].attn1_text.to_k.weight.add_(0.5)
+        assert not torch.allclose(own(**x).sample, before, atol=1e-4)

@@ -113,6 +113,7 @@ class TextSection:
     rounding_weight: float = 1.0  # Diffusion-LM rounding cross-entropy (embedding formulation)
     kappa_exponent: float = 1.0  # discrete formulation: kappa(tau) = tau ** n
     discrete_source: Literal["uniform", "mask"] = "uniform"
+    attention: Literal["shared", "own"] = "shared"  # own: text tokens' own self-attention projections (README)
 
 
 @dataclass

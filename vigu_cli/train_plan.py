@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from .core.convert import text_stream_config
 from .core.model import UniViGUTransformer
 from .errors import VigUError
 from .recipe import Recipe
@@ -59,16 +60,8 @@ def read_accelerate_config(path: str | Path | None) -> tuple[int, str]:
 
 
 def transformer_on_meta(recipe: Recipe, vocab_size: int) -> UniViGUTransformer:
-    text = recipe.text
     with torch.device("meta"):
-        return UniViGUTransformer(
-            **vars(recipe.model.transformer),
-            text_formulation=text.formulation,
-            text_vocab_size=vocab_size,
-            text_latent_dim=text.latent_dim,
-            text_ffn_dim=text.ffn_text_dim or None,
-            text_max_length=text.max_length,
-        )
+        return UniViGUTransformer(**vars(recipe.model.transformer), **text_stream_config(recipe, vocab_size))
 
 
 def latent_factors(recipe: Recipe) -> tuple[int, int]:

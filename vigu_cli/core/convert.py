@@ -41,18 +41,26 @@ def text_stream_tokenizer(recipe: Recipe, prompt_tokenizer):
     return AutoTokenizer.from_pretrained(name, local_files_only=True)
 
 
+def text_stream_config(recipe: Recipe, vocab_size: int) -> dict:
+    """The `UniViGUTransformer` arguments of the recipe's `text` section (beyond the stock Wan config)."""
+    text = recipe.text
+    return dict(
+        text_formulation=text.formulation,
+        text_vocab_size=vocab_size,
+        text_latent_dim=text.latent_dim,
+        text_ffn_dim=None if text.ffn_text_init == "copy" or not text.ffn_text_dim else text.ffn_text_dim,
+        text_max_length=text.max_length,
+        text_attention=text.attention,
+    )
+
+
 def vigu_from_wan(wan: WanPipeline, recipe: Recipe) -> UniViGUPipeline:
     """Extend a stock Wan pipeline into Uni-ViGU (new text parameters as the recipe's `text` section says).
     A pipeline loaded without its transformer (`transformer=None`, e.g. to encode a dataset) stays without."""
     text_tokenizer = text_stream_tokenizer(recipe, wan.tokenizer)
     text = recipe.text
     transformer = None if wan.transformer is None else UniViGUTransformer.from_wan(
-        wan.transformer,
-        text_formulation=text.formulation,
-        text_vocab_size=len(text_tokenizer),
-        text_latent_dim=text.latent_dim,
-        text_ffn_dim=None if text.ffn_text_init == "copy" or not text.ffn_text_dim else text.ffn_text_dim,
-        text_max_length=text.max_length,
+        wan.transformer, **text_stream_config(recipe, len(text_tokenizer))
     )
     model, sampling = recipe.model, recipe.sampling
     return UniViGUPipeline(

@@ -22,12 +22,12 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention import FeedForward
 from diffusers.models.embeddings import TimestepEmbedding, get_1d_rotary_pos_embed
 from diffusers.models.normalization import FP32LayerNorm
-from diffusers.models.transformers.transformer_wan import WanTransformer3DModel, WanTransformerBlock
+from diffusers.models.transformers.transformer_wan import WanAttention, WanTransformer3DModel, WanTransformerBlock
 from diffusers.utils import BaseOutput
 from diffusers.utils.peft_utils import apply_lora_scale
 from torch import nn
 
-# Top-level modules that the stock Wan transformer does not have; blocks add `ffn_text`.
+# Top-level modules that the stock Wan transformer does not have; blocks add `ffn_text` (and `attn1_text`).
 TEXT_MODULES = (
     "text_embedding",
     "text_in",
@@ -49,12 +49,41 @@ class UniViGUTransformerOutput(BaseOutput):
     text_sample: torch.Tensor | None = None
 
 
-class UniViGUTransformerBlock(WanTransformerBlock):
-    """A Wan block with a second FFN, `ffn_text`, for text tokens."""
+class _PerModality:
+    """One of WanAttention's projections or norms, applied with `video`'s weights to the first `num_video`
+    tokens and with `text`'s to the rest."""
 
-    def __init__(self, dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim, text_ffn_dim):
+    def __init__(self, video: nn.Module, text: nn.Module, num_video: int):
+        self.video, self.text, self.num_video = video, text, num_video
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.video(x[:, : self.num_video]), self.text(x[:, self.num_video :])], dim=1)
+
+
+class _JointAttentionView:
+    """WanAttention's interface over two self-attentions of one width: video tokens go through `video`'s
+    projections and norms, text tokens through `text`'s, and every token attends to every token, so
+    diffusers' `WanAttnProcessor` runs unchanged (SD3's joint attention, in Wan's layout)."""
+
+    def __init__(self, video: WanAttention, text: WanAttention, num_video: int):
+        self.heads, self.add_k_proj, self.fused_projections = video.heads, None, False
+        for name in ("to_q", "to_k", "to_v", "norm_q", "norm_k"):
+            setattr(self, name, _PerModality(getattr(video, name), getattr(text, name), num_video))
+        self.to_out = [_PerModality(video.to_out[0], text.to_out[0], num_video), video.to_out[1]]
+
+
+class UniViGUTransformerBlock(WanTransformerBlock):
+    """A Wan block with a second FFN, `ffn_text`, for text tokens, and with `text_attention="own"` the text
+    tokens' own self-attention projections, `attn1_text`."""
+
+    def __init__(
+        self, dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim, text_ffn_dim,
+        text_attention="shared",
+    ):
         super().__init__(dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim)
         self.ffn_text = FeedForward(dim, inner_dim=text_ffn_dim, activation_fn="gelu-approximate")
+        if text_attention == "own":
+            self.attn1_text = WanAttention(dim=dim, heads=num_heads, dim_head=dim // num_heads, eps=eps)
 
     def forward(
         self,
@@ -75,9 +104,15 @@ class UniViGUTransformerBlock(WanTransformerBlock):
         mods = [(self.scale_shift_table + t.float()).chunk(6, dim=1) for _, t, _ in streams]
         sizes = [x.shape[1] for x in xs]
 
-        # 1. Shared self-attention over [video ; text]; each stream modulated and gated by its own timestep.
+        # 1. Self-attention over [video ; text] (shared, or per-modality projections); each stream modulated
+        # and gated by its own timestep.
         norm_x = [(self.norm1(x.float()) * (1 + m[1]) + m[0]).type_as(x) for x, m in zip(xs, mods)]
-        attn_output = self.attn1(torch.cat(norm_x, dim=1), None, None, rotary_emb).split(sizes, dim=1)
+        joint = torch.cat(norm_x, dim=1)
+        if hasattr(self, "attn1_text"):
+            view = _JointAttentionView(self.attn1, self.attn1_text, sum(sizes[:-1]))
+            attn_output = self.attn1.processor(view, joint, None, None, rotary_emb).split(sizes, dim=1)
+        else:
+            attn_output = self.attn1(joint, None, None, rotary_emb).split(sizes, dim=1)
         xs = [(x.float() + a * m[2]).type_as(x) for x, a, m in zip(xs, attn_output, mods)]
 
         # 2. Shared cross-attention to the prompt, ungated, both streams.
@@ -99,7 +134,10 @@ class UniViGUTransformer(WanTransformer3DModel):
     Text config: `text_formulation` "embedding" (paper: text is a d_t-dim latent, the learnable matrix E
     is `text_embedding`) or "discrete" (official: text is token ids, the head gives vocabulary logits);
     `text_vocab_size` V; `text_latent_dim` d_t; `text_ffn_dim` (None: `ffn_dim`, and `ffn_text` starts as
-    a copy of `ffn`; another width starts fresh); `text_max_length`, the most text positions.
+    a copy of `ffn`; another width starts fresh); `text_max_length`, the most text positions;
+    `text_attention` "shared" (the paper: text tokens use the block's `attn1` projections) or "own" (text
+    tokens project with their own `attn1_text`, a copy of `attn1` at the start, in the same joint attention,
+    so training text need not change the video stream's projections; README).
 
     Init: `time_embedder_text`, `time_proj_text`, `scale_shift_table_text` (and `ffn_text` at equal width)
     start as copies of their video counterparts; `text_out` starts at zero for both formulations, so the
@@ -144,9 +182,12 @@ class UniViGUTransformer(WanTransformer3DModel):
         text_latent_dim: int = 64,
         text_ffn_dim: int | None = None,
         text_max_length: int = 256,
+        text_attention: Literal["shared", "own"] = "shared",
     ) -> None:
         if text_formulation not in ("embedding", "discrete"):
             raise ValueError(f"text_formulation must be 'embedding' or 'discrete', got {text_formulation!r}")
+        if text_attention not in ("shared", "own"):
+            raise ValueError(f"text_attention must be 'shared' or 'own', got {text_attention!r}")
         # The parent builds everything but the blocks, which are built once, here, as the subclass.
         super().__init__(
             patch_size=patch_size,
@@ -171,7 +212,8 @@ class UniViGUTransformer(WanTransformer3DModel):
         text_ffn_dim = text_ffn_dim or ffn_dim
         self.blocks = nn.ModuleList(
             UniViGUTransformerBlock(
-                dim, ffn_dim, num_attention_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim, text_ffn_dim
+                dim, ffn_dim, num_attention_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim, text_ffn_dim,
+                text_attention,
             )
             for _ in range(num_layers)
         )
@@ -201,6 +243,7 @@ class UniViGUTransformer(WanTransformer3DModel):
         ]
         if (self.config.text_ffn_dim or self.config.ffn_dim) == self.config.ffn_dim:
             pairs += [(block.ffn_text, block.ffn) for block in self.blocks]
+        pairs += [(block.attn1_text, block.attn1) for block in self.blocks if hasattr(block, "attn1_text")]
         for text_module, video_module in pairs:
             text_module.load_state_dict(video_module.state_dict())
         self.scale_shift_table_text.copy_(self.scale_shift_table)
@@ -225,7 +268,10 @@ class UniViGUTransformer(WanTransformer3DModel):
 
     def text_parameter_names(self) -> list[str]:
         """State-dict names of the parameters a stock Wan transformer does not have."""
-        return [n for n in self.state_dict() if n.split(".")[0] in TEXT_MODULES or ".ffn_text." in n]
+        return [
+            n for n in self.state_dict()
+            if n.split(".")[0] in TEXT_MODULES or ".ffn_text." in n or ".attn1_text." in n
+        ]
 
     def wan_state_dict(self) -> dict[str, torch.Tensor]:
         """The stock `WanTransformer3DModel` state dict (text parameters dropped), for export."""
