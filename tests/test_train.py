@@ -109,12 +109,13 @@ def test_trainable_text_changes_no_video_parameter(tiny_data, tmp_path):
     after = dict(trained.named_parameters())
     changed = {n for n, p in start.named_parameters() if not torch.equal(p, after[n])}
     assert changed and changed <= text
-    assert any(".ffn_text." in n for n in changed)
+    assert any(".ffn_text." in n for n in changed) and any(".attn1_text." in n for n in changed)  # text.attention: own
 
 
 def test_text_learning_rate_sets_the_rate_of_the_new_text_parameters(tiny_data, tmp_path):
     """A text rate of 0 freezes exactly the new text parameters; the shared and video ones still move."""
-    out = train(recipe_for(tiny_data, tmp_path, "train.recall.text_learning_rate=0", "train.recall.max_steps=3"), "recall")
+    out = train(recipe_for(tiny_data, tmp_path, "train.recall.trainable=full", "train.recall.text_learning_rate=0",
+                           "train.recall.max_steps=3"), "recall")
     trained = dict(UniViGUPipeline.from_pretrained(out, local_files_only=True).transformer.named_parameters())
     from vigu_cli.train import initial_pipeline
 
@@ -180,8 +181,8 @@ def test_stage_semantics_targets_and_condition_dropout(tiny_data, monkeypatch, t
 
 
 def test_nan_loss_stops_with_one_line_and_keeps_the_checkpoint(tiny_data, tmp_path):
-    recipe = recipe_for(tiny_data, tmp_path, "train.recall.learning_rate=1e30", "train.recall.max_grad_norm=1e30",
-                        "train.recall.warmup_steps=0", "train.recall.checkpoint_every=1")
+    recipe = recipe_for(tiny_data, tmp_path, "train.recall.learning_rate=1e30", "train.recall.text_learning_rate=1e30",
+                        "train.recall.max_grad_norm=1e30", "train.recall.warmup_steps=0", "train.recall.checkpoint_every=1")
     with pytest.raises(VigUError) as info:
         train(recipe, "recall")
     message = str(info.value)
