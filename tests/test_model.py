@@ -263,9 +263,13 @@ def test_own_text_attention_starts_as_shared_and_then_leaves_the_video_path_alon
     names = own.text_parameter_names()
     assert {f"blocks.{i}.attn1_text.to_q.weight" for i in range(2)} <= set(names)
     assert set(own.wan_state_dict()) == set(shared.wan_state_dict())
+    seen = []  # attn1 is still the module called, so hooks on it see [video ; text] as with shared attention
+    hook = own.blocks[0].attn1.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     with torch.no_grad():  # a copy of attn1 at the start: the same outputs as shared attention
         a, b = shared(**x), own(**x)
+    hook.remove()
     assert torch.allclose(a.sample, b.sample, atol=1e-5) and torch.allclose(a.text_sample, b.text_sample, atol=1e-5)
+    assert seen == [(2, 48 + L, 64)]
 
     # A text loss trains attn1_text and leaves attn1 without gradient from text tokens alone (no video tokens).
     out = own(hidden_states=None, timestep=None, encoder_hidden_states=x["encoder_hidden_states"],

@@ -22,7 +22,12 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention import FeedForward
 from diffusers.models.embeddings import TimestepEmbedding, get_1d_rotary_pos_embed
 from diffusers.models.normalization import FP32LayerNorm
-from diffusers.models.transformers.transformer_wan import WanAttention, WanTransformer3DModel, WanTransformerBlock
+from diffusers.models.transformers.transformer_wan import (
+    WanAttention,
+    WanAttnProcessor,
+    WanTransformer3DModel,
+    WanTransformerBlock,
+)
 from diffusers.utils import BaseOutput
 from diffusers.utils.peft_utils import apply_lora_scale
 from torch import nn
@@ -72,6 +77,17 @@ class _JointAttentionView:
         self.to_out = [_PerModality(video.to_out[0], text.to_out[0], num_video), video.to_out[1]]
 
 
+class _OwnTextAttnProcessor(WanAttnProcessor):
+    """diffusers' `WanAttnProcessor`; given `text` (the text tokens' own `WanAttention`) and `num_video`, over
+    the `_JointAttentionView` of the two, so `attn1` stays the module that is called (and hooked)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
+                 text=None, num_video=0):
+        if text is not None:
+            attn = _JointAttentionView(attn, text, num_video)
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+
+
 class UniViGUTransformerBlock(WanTransformerBlock):
     """A Wan block with a second FFN, `ffn_text`, for text tokens, and with `text_attention="own"` the text
     tokens' own self-attention projections, `attn1_text`."""
@@ -84,6 +100,7 @@ class UniViGUTransformerBlock(WanTransformerBlock):
         self.ffn_text = FeedForward(dim, inner_dim=text_ffn_dim, activation_fn="gelu-approximate")
         if text_attention == "own":
             self.attn1_text = WanAttention(dim=dim, heads=num_heads, dim_head=dim // num_heads, eps=eps)
+            self.attn1.set_processor(_OwnTextAttnProcessor())
 
     def forward(
         self,
@@ -107,12 +124,8 @@ class UniViGUTransformerBlock(WanTransformerBlock):
         # 1. Self-attention over [video ; text] (shared, or per-modality projections); each stream modulated
         # and gated by its own timestep.
         norm_x = [(self.norm1(x.float()) * (1 + m[1]) + m[0]).type_as(x) for x, m in zip(xs, mods)]
-        joint = torch.cat(norm_x, dim=1)
-        if hasattr(self, "attn1_text"):
-            view = _JointAttentionView(self.attn1, self.attn1_text, sum(sizes[:-1]))
-            attn_output = self.attn1.processor(view, joint, None, None, rotary_emb).split(sizes, dim=1)
-        else:
-            attn_output = self.attn1(joint, None, None, rotary_emb).split(sizes, dim=1)
+        own = {"text": self.attn1_text, "num_video": sum(sizes[:-1])} if hasattr(self, "attn1_text") else {}
+        attn_output = self.attn1(torch.cat(norm_x, dim=1), None, None, rotary_emb, **own).split(sizes, dim=1)
         xs = [(x.float() + a * m[2]).type_as(x) for x, a, m in zip(xs, attn_output, mods)]
 
         # 2. Shared cross-attention to the prompt, ungated, both streams.
