@@ -285,3 +285,41 @@ def test_own_text_attention_starts_as_shared_and_then_leaves_the_video_path_alon
         before = own(**x).sample
         own.blocks[0].attn1_text.to_k.weight.add_(0.5)
         assert not torch.allclose(own(**x).sample, before, atol=1e-4)
+
+
+@pytest.mark.parametrize("attention", ["shared", "own"])
+def test_video_that_does_not_attend_to_text_is_the_stock_video_and_text_reads_all(attention):
+    """`video_attends_text=False`: the video output is the stock model's whatever the text; the text output is
+    joint attention with the video rows masked off the text keys; and with only text parameters trained the
+    video stream stays out of autograd's graph (what makes `trainable: text` steps cheap)."""
+    x = inputs(formulation="discrete")
+    one_way = unified("discrete", seed=5, text_attention=attention, video_attends_text=False)
+    both_ways = unified("discrete", seed=5, text_attention=attention)
+    both_ways.load_state_dict(one_way.state_dict())
+    num_video, total = 48, 48 + L
+    mask = torch.ones(total, total, dtype=torch.bool)
+    mask[:num_video, num_video:] = False
+
+    def masked(module, args, kwargs):  # the reference: every token in one attention, video rows masked
+        return (args[0], args[1], mask, *args[3:]), kwargs
+
+    for block in both_ways.blocks:
+        block.attn1.register_forward_pre_hook(masked, with_kwargs=True)
+    with torch.no_grad():
+        got, want = one_way(**x), both_ways(**x)
+        video_alone = one_way(hidden_states=x["hidden_states"], timestep=x["timestep"],
+                              encoder_hidden_states=x["encoder_hidden_states"]).sample
+        other_text = one_way(**{**x, "text_states": (x["text_states"] + 1) % VOCAB})
+    torch.testing.assert_close(got.sample, video_alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(other_text.sample, video_alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.text_sample, want.text_sample, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(other_text.text_sample, got.text_sample, atol=1e-3)
+
+    text_names = set(one_way.text_parameter_names())
+    for name, param in one_way.named_parameters():
+        param.requires_grad_(name in text_names)
+    out = one_way(**x)
+    assert not out.sample.requires_grad and out.text_sample.requires_grad
+    out.text_sample.square().mean().backward()
+    trained = one_way.blocks[0].attn1_text if attention == "own" else one_way.blocks[0].ffn_text
+    assert trained.to_q.weight.grad.abs().sum() > 0 if attention == "own" else trained.net[0].proj.weight.grad.abs().sum() > 0

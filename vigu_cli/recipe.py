@@ -114,6 +114,7 @@ class TextSection:
     kappa_exponent: float = 1.0  # discrete formulation: kappa(tau) = tau ** n
     discrete_source: Literal["uniform", "mask"] = "uniform"
     attention: Literal["shared", "own"] = "shared"  # own: text tokens' own self-attention projections (README)
+    video_attends_text: bool = True  # false: video tokens attend to video tokens only (README)
 
 
 @dataclass

@@ -51,6 +51,7 @@ def text_stream_config(recipe: Recipe, vocab_size: int) -> dict:
         text_ffn_dim=None if text.ffn_text_init == "copy" or not text.ffn_text_dim else text.ffn_text_dim,
         text_max_length=text.max_length,
         text_attention=text.attention,
+        video_attends_text=text.video_attends_text,
     )
 
 

@@ -20,7 +20,7 @@ import torch
 from diffusers import ModelMixin  # noqa: F401  (diffusers finds a component's loadable base class in its module)
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention import FeedForward
-from diffusers.models.embeddings import TimestepEmbedding, get_1d_rotary_pos_embed
+from diffusers.models.embeddings import TimestepEmbedding, apply_rotary_emb, get_1d_rotary_pos_embed
 from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import (
     WanAttention,
@@ -77,30 +77,64 @@ class _JointAttentionView:
         self.to_out = [_PerModality(video.to_out[0], text.to_out[0], num_video), video.to_out[1]]
 
 
-class _OwnTextAttnProcessor(WanAttnProcessor):
-    """diffusers' `WanAttnProcessor`; given `text` (the text tokens' own `WanAttention`) and `num_video`, over
-    the `_JointAttentionView` of the two, so `attn1` stays the module that is called (and hooked)."""
+class _RotaryAfter:
+    """A query or key norm, then RoPE (`(cos, sin)` `[1, L, 1, head_dim]`, Wan's interleaved layout) per head,
+    on `[B, L, heads * head_dim]`: where `WanAttnProcessor` applies `norm_q` / `norm_k`, so that queries and
+    keys of different lengths each carry their own positions."""
+
+    def __init__(self, norm, rotary_emb: tuple[torch.Tensor, torch.Tensor], heads: int):
+        self.norm, self.cos_sin, self.heads = norm, tuple(r[0, :, 0] for r in rotary_emb), heads
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x).unflatten(2, (self.heads, -1))
+        return apply_rotary_emb(x, self.cos_sin, use_real=True, use_real_unbind_dim=-1, sequence_dim=1).flatten(2)
+
+
+class _TextQueryView:
+    """WanAttention's interface for the text tokens' queries over the keys and values of `[video ; text]`
+    (projected per modality, as in `_JointAttentionView`): diffusers' `WanAttnProcessor` runs it as a
+    cross-attention, with the RoPE applied by the norms (`_RotaryAfter`)."""
+
+    def __init__(self, video: WanAttention, text: WanAttention, num_video: int, rotary_emb):
+        self.heads, self.add_k_proj, self.fused_projections = video.heads, None, False
+        self.to_q, self.to_out = text.to_q, text.to_out
+        self.to_k, self.to_v = (_PerModality(getattr(video, n), getattr(text, n), num_video) for n in ("to_k", "to_v"))
+        self.norm_q = _RotaryAfter(text.norm_q, tuple(r[:, num_video:] for r in rotary_emb), video.heads)
+        self.norm_k = _RotaryAfter(_PerModality(video.norm_k, text.norm_k, num_video), rotary_emb, video.heads)
+
+
+class _TextAttnProcessor(WanAttnProcessor):
+    """diffusers' `WanAttnProcessor` for a block with text tokens, so `attn1` stays the module that is called
+    (and hooked). Given `text` (the text tokens' `WanAttention`: `attn1` itself when shared) and `num_video`:
+    self-attention of every token to every token (over the `_JointAttentionView` when the text has its own
+    projections); with `encoder_hidden_states` (`[video ; text]`), the queries of `hidden_states`, the text
+    tokens, attend to it (`_TextQueryView`)."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
                  text=None, num_video=0):
-        if text is not None:
+        if encoder_hidden_states is not None and text is not None:
+            view = _TextQueryView(attn, text, num_video, rotary_emb)
+            return super().__call__(view, hidden_states, encoder_hidden_states, attention_mask, None)
+        if text is not None and text is not attn:
             attn = _JointAttentionView(attn, text, num_video)
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
 
 
 class UniViGUTransformerBlock(WanTransformerBlock):
     """A Wan block with a second FFN, `ffn_text`, for text tokens, and with `text_attention="own"` the text
-    tokens' own self-attention projections, `attn1_text`."""
+    tokens' own self-attention projections, `attn1_text`. `video_attends_text=False`: video tokens attend to
+    video tokens only (text tokens still attend to all)."""
 
     def __init__(
         self, dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim, text_ffn_dim,
-        text_attention="shared",
+        text_attention="shared", video_attends_text=True,
     ):
         super().__init__(dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim)
         self.ffn_text = FeedForward(dim, inner_dim=text_ffn_dim, activation_fn="gelu-approximate")
+        self.video_attends_text = video_attends_text
         if text_attention == "own":
             self.attn1_text = WanAttention(dim=dim, heads=num_heads, dim_head=dim // num_heads, eps=eps)
-            self.attn1.set_processor(_OwnTextAttnProcessor())
+        self.attn1.set_processor(_TextAttnProcessor())
 
     def forward(
         self,
@@ -124,14 +158,18 @@ class UniViGUTransformerBlock(WanTransformerBlock):
         # 1. Self-attention over [video ; text] (shared, or per-modality projections); each stream modulated
         # and gated by its own timestep.
         norm_x = [(self.norm1(x.float()) * (1 + m[1]) + m[0]).type_as(x) for x, m in zip(xs, mods)]
-        own = {"text": self.attn1_text, "num_video": sum(sizes[:-1])} if hasattr(self, "attn1_text") else {}
-        attn_output = self.attn1(torch.cat(norm_x, dim=1), None, None, rotary_emb, **own).split(sizes, dim=1)
+        text = {"text": getattr(self, "attn1_text", self.attn1), "num_video": sum(sizes[:-1])}
+        if self.video_attends_text or hidden_states is None:
+            attn_output = self.attn1(torch.cat(norm_x, dim=1), None, None, rotary_emb, **text).split(sizes, dim=1)
+        else:  # the stock attention of the video tokens, then the text tokens' queries over [video ; text]
+            video_rotary = tuple(r[:, : sizes[0]] for r in rotary_emb)
+            attn_output = (self.attn1(norm_x[0], None, None, video_rotary),
+                           self.attn1(norm_x[1], torch.cat(norm_x, dim=1), None, rotary_emb, **text))
         xs = [(x.float() + a * m[2]).type_as(x) for x, a, m in zip(xs, attn_output, mods)]
 
-        # 2. Shared cross-attention to the prompt, ungated, both streams.
-        joint = torch.cat(xs, dim=1)
-        joint = joint + self.attn2(self.norm2(joint.float()).type_as(joint), encoder_hidden_states, None, None)
-        xs = [j.type_as(x) for j, x in zip(joint.split(sizes, dim=1), xs)]
+        # 2. Shared cross-attention to the prompt, ungated, each stream on its own (the same per token; video
+        # that does not attend to text then does not depend on it in autograd's graph either).
+        xs = [(x + self.attn2(self.norm2(x.float()).type_as(x), encoder_hidden_states, None, None)).type_as(x) for x in xs]
 
         # 3. One FFN per modality.
         out = []
@@ -150,7 +188,9 @@ class UniViGUTransformer(WanTransformer3DModel):
     a copy of `ffn`; another width starts fresh); `text_max_length`, the most text positions;
     `text_attention` "shared" (the paper: text tokens use the block's `attn1` projections) or "own" (text
     tokens project with their own `attn1_text`, a copy of `attn1` at the start, in the same joint attention,
-    so training text need not change the video stream's projections; README).
+    so training text need not change the video stream's projections; README); `video_attends_text` True (the
+    paper: every token attends to every token) or False (video tokens attend to video tokens only, so the
+    video stream is the stock model's whatever the text; README).
 
     Init: `time_embedder_text`, `time_proj_text`, `scale_shift_table_text` (and `ffn_text` at equal width)
     start as copies of their video counterparts; `text_out` starts at zero for both formulations, so the
@@ -196,6 +236,7 @@ class UniViGUTransformer(WanTransformer3DModel):
         text_ffn_dim: int | None = None,
         text_max_length: int = 256,
         text_attention: Literal["shared", "own"] = "shared",
+        video_attends_text: bool = True,
     ) -> None:
         if text_formulation not in ("embedding", "discrete"):
             raise ValueError(f"text_formulation must be 'embedding' or 'discrete', got {text_formulation!r}")
@@ -226,7 +267,7 @@ class UniViGUTransformer(WanTransformer3DModel):
         self.blocks = nn.ModuleList(
             UniViGUTransformerBlock(
                 dim, ffn_dim, num_attention_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim, text_ffn_dim,
-                text_attention,
+                text_attention, video_attends_text,
             )
             for _ in range(num_layers)
         )
