@@ -22,6 +22,7 @@ import urllib.parse
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 # Ranks finish their shards at different times and wait for the last one at a barrier; the process group's
 # default timeout (10 min for NCCL, 30 min for gloo) would abort a Wan build whose shards take longer.
 RANK_WAIT = timedelta(hours=24)
+VIDEO_WRITERS = 4  # mp4 files written at once (each by its own ffmpeg process)
 # Captioner settings that change how results arrive, not what they are: free to change between runs.
 CAPTIONER_TRANSPORT = ("base_url", "api_key_env", "concurrency", "timeout_s", "max_retries", "backoff_s", "device")
 
@@ -363,8 +365,11 @@ class ShardBuilder:
             if clip.frames is None:
                 record(item, "skipped", reason=clip.reason, detail=clip.detail)
                 progress.drop_from("captions")
-            elif data.keep_videos:
-                write_video(self.root / VIDEOS / f"{item.id}.mp4", clip.frames, self.recipe.model.fps)
+        if data.keep_videos:  # each write waits on its own ffmpeg process: a few at once
+            with ThreadPoolExecutor(VIDEO_WRITERS) as pool:
+                list(pool.map(lambda pair: write_video(self.root / VIDEOS / f"{pair[0].id}.mp4", pair[1].frames,
+                                                       self.recipe.model.fps),
+                              [(item, clip) for item, clip in clips if clip.frames is not None]))
 
         captioned = [(item, clip) for item, clip in clips if clip.frames is not None]
         results = self.captioner.caption_batch(
