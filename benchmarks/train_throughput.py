@@ -7,7 +7,12 @@ Measured in one run, on the same model, batch and steps (a world-tiny recall ste
 - on the fly: read each clip's mp4, fit it to the model's shape, VAE-encode it, umT5-encode its prompt
   and tokenize it, every step (what training without the cache would do);
 - MFU: the model's matmul FLOPs per second over the peak of a large matmul measured in the same run,
-  in the precision the step runs in.
+  in the precision the step runs in;
+- `trainable: text` (eager, cached), with video tokens that attend to the text tokens (the paper) and with
+  video tokens that do not (`text.video_attends_text: false`, world-tiny's): the frozen video stream then
+  needs no backward.
+
+The rows above the last two train every weight with the paper's attention.
 
     PYTHONPATH=. python benchmarks/train_throughput.py [--steps 20] [--batch 8] [--threads 2] [--bf16]
 """
@@ -56,23 +61,32 @@ def step_flops(model, batch: int, video_tokens: int, text_tokens: int, prompt_to
 def run(args) -> None:
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="vigu-throughput-"))
-    recipe = load_recipe("world-tiny", [f"data.out={work / 'data'}", f"data.num_items={args.batch * 4}",
-                                        "data.val_every=0", "data.keep_videos=true"])
+    overrides = [f"data.out={work / 'data'}", f"data.num_items={args.batch * 4}", "data.val_every=0",
+                 "data.keep_videos=true"]
+    recipe = load_recipe("world-tiny", [*overrides, "text.video_attends_text=true"])
     build_dataset(recipe)
     pipe = pipeline_from_recipe(recipe)
     model, flow = pipe.transformer.train(), pipe.text_flow
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizers = {model: torch.optim.AdamW(model.parameters(), lr=1e-4)}
+    text_only = {}  # `trainable: text`, video reading the text or not
+    for attends in (True, False):
+        copy = pipeline_from_recipe(load_recipe("world-tiny", [*overrides, f"text.video_attends_text={attends}"])).transformer.train()
+        names = set(copy.text_parameter_names())
+        for name, param in copy.named_parameters():
+            param.requires_grad_(name in names)
+        optimizers[copy] = torch.optim.AdamW([p for p in copy.parameters() if p.requires_grad], lr=1e-4)
+        text_only[attends] = copy
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     m = recipe.model
     lines = [line for line in read_lines(work / "data" / MANIFEST) if line.status == "ok"]
 
-    def train_step(latents, ids, cond, step, forward=model):
+    def train_step(latents, ids, cond, step, forward, core):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             loss, _ = unified_objective(forward, flow, recipe.flow, latents.float(), ids, cond,
-                                        torch.Generator().manual_seed(step), core=model)
+                                        torch.Generator().manual_seed(step), core=core)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        optimizers[core].step()
+        optimizers[core].zero_grad()
 
     def cached_batches():
         loader = DataLoader(CachedVideoTextDataset(work / "data", "all"), batch_size=args.batch, shuffle=True,
@@ -91,17 +105,19 @@ def run(args) -> None:
                 yield pipe.encode_video(clips), pipe.text_ids(prompts), pipe.encode_condition(prompts, "cpu")
 
     results = {}
-    runs = (("cached", cached_batches(), model), ("on the fly", on_the_fly_batches(), model),
-            ("compiled", cached_batches(), torch.compile(model)))
-    for name, source, forward in runs:
+    runs = (("cached", cached_batches(), model, model), ("on the fly", on_the_fly_batches(), model, model),
+            ("compiled", cached_batches(), torch.compile(model), model),
+            ("text, v<-t", cached_batches(), text_only[True], text_only[True]),
+            ("text, v-/-t", cached_batches(), text_only[False], text_only[False]))
+    for name, source, forward, core in runs:
         latents, ids, cond = next(source)
         start = time.perf_counter()
-        train_step(latents, ids, cond, 0, forward)  # warm-up (compiled: the compile)
+        train_step(latents, ids, cond, 0, forward, core)  # warm-up (compiled: the compile)
         first = time.perf_counter() - start
         start = time.perf_counter()
         for step in range(args.steps):
             latents, ids, cond = next(source)
-            train_step(latents, ids, cond, step + 1, forward)
+            train_step(latents, ids, cond, step + 1, forward, core)
         seconds = (time.perf_counter() - start) / args.steps
         video_tokens = math.prod(latents.shape[2:]) // math.prod(model.config.patch_size)
         results[name] = (seconds, video_tokens, ids.shape[1], cond.shape[1], first)
@@ -112,11 +128,12 @@ def run(args) -> None:
     for name, (seconds, video_tokens, text_tokens, prompt_tokens, first) in results.items():
         tokens = args.batch * (video_tokens + text_tokens)
         flops = step_flops(model, args.batch, video_tokens, text_tokens, prompt_tokens)
-        print(f"  {name:11s} {seconds:7.3f} s/step  {tokens / seconds:9.0f} tokens/s  MFU {flops / seconds / peak:6.1%}"
-              f"  (first step {first:.1f} s)")
-    cached, fly, compiled = (results[k][0] for k in ("cached", "on the fly", "compiled"))
+        mfu = f"MFU {flops / seconds / peak:6.1%}" if name in ("cached", "on the fly", "compiled") else " " * 10
+        print(f"  {name:11s} {seconds:7.3f} s/step  {tokens / seconds:9.0f} tokens/s  {mfu}  (first step {first:.1f} s)")
+    cached, fly, compiled, both, one = (results[k][0] for k in results)
     print(f"  cached / on the fly speed-up: {fly / cached:.2f}x")
     print(f"  compiled / eager speed-up (cached): {cached / compiled:.2f}x")
+    print(f"  trainable text, video not attending / attending to text: {both / one:.2f}x")
     print(f"  matmul peak ({'bf16' if args.bf16 else 'fp32'}, 2048^3, same run): {peak / 1e9:.0f} GFLOP/s")
 
 
