@@ -23,6 +23,8 @@ from vigu_cli.core.pipeline import UniViGUPipeline
 from vigu_cli.core.text import DiscreteTextFlow
 from vigu_cli.data import world
 from vigu_cli.data.video_io import frames_to_tensor, load_clip, read_video, write_video
+from vigu_cli.recipe import load_recipe
+from vigu_cli.sampling import SamplingOptions, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle moving left", "a blue square staying still", "a green triangle moving up"]
@@ -144,6 +146,18 @@ def test_text_sampling_options_reach_the_discrete_solver(vigu, tiny_wan_dir, cli
         assert record["caption"] == expected.texts[0]
         captions[temperature, order] = record["caption"]
     assert len(set(captions.values())) == 3
+
+
+def test_a_stock_folder_converted_on_the_fly_samples_as_its_saved_conversion(tiny_wan_dir, tmp_path):
+    """In bfloat16 a Wan folder converted on the fly gets the parameters its saved conversion loads with: values
+    and dtypes, the modules diffusers keeps in float32 unrounded (the base's scores compare with its models')."""
+    saved = save_folder(load_pipeline(tiny_wan_dir, load_recipe("world-tiny")), tmp_path / "vigu")
+    converted, loaded = (load_model(SamplingOptions(model=str(path), dtype="bfloat16")).transformer
+                         for path in (tiny_wan_dir, saved))
+    params = dict(loaded.named_parameters())
+    for name, param in converted.named_parameters():
+        assert param.dtype == params[name].dtype and torch.equal(param, params[name]), name
+    assert params["scale_shift_table"].dtype == torch.float32 and params["proj_out.weight"].dtype == torch.bfloat16
 
 
 def test_joint_on_the_command_line_writes_mp4_caption_and_sidecar(model_dir, tmp_path):

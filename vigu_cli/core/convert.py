@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 from diffusers import WanPipeline, WanTransformer3DModel
 from diffusers.utils import logging as diffusers_logging
 from transformers import AutoTokenizer
@@ -123,6 +124,10 @@ def load_pipeline(path: str | Path, recipe: Recipe, **kwargs) -> UniViGUPipeline
     if kind == "UniViGUPipeline":
         return UniViGUPipeline.from_pretrained(path, local_files_only=True, **kwargs)
     if kind == "WanPipeline":
+        # The conversion makes a float32 transformer (`from_wan`), so the stock one loads in float32 too: one
+        # rounding when the caller casts it, as for a saved vigu folder.
+        if isinstance(kwargs.get("torch_dtype"), dict):
+            kwargs = {**kwargs, "torch_dtype": {**kwargs["torch_dtype"], "transformer": torch.float32}}
         # WanPipeline's signature names AutoencoderKLWan; the world's exact autoencoder has its interface,
         # so diffusers' "Expected types for vae" warning would be noise on every world command.
         type_check = diffusers_logging.get_logger("diffusers.pipelines.pipeline_utils")
