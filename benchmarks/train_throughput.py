@@ -70,7 +70,8 @@ def run(args) -> None:
     optimizers = {model: torch.optim.AdamW(model.parameters(), lr=1e-4)}
     text_only = {}  # `trainable: text`, video reading the text or not
     for attends in (True, False):
-        copy = pipeline_from_recipe(load_recipe("world-tiny", [*overrides, f"text.video_attends_text={attends}"])).transformer.train()
+        copy = pipeline_from_recipe(load_recipe("world-tiny", [*overrides, f"text.video_attends_text={attends}"]))
+        copy = copy.transformer.train()
         names = set(copy.text_parameter_names())
         for name, param in copy.named_parameters():
             param.requires_grad_(name in names)
@@ -129,7 +130,8 @@ def run(args) -> None:
         tokens = args.batch * (video_tokens + text_tokens)
         flops = step_flops(model, args.batch, video_tokens, text_tokens, prompt_tokens)
         mfu = f"MFU {flops / seconds / peak:6.1%}" if name in ("cached", "on the fly", "compiled") else " " * 10
-        print(f"  {name:11s} {seconds:7.3f} s/step  {tokens / seconds:9.0f} tokens/s  {mfu}  (first step {first:.1f} s)")
+        print(f"  {name:11s} {seconds:7.3f} s/step  {tokens / seconds:9.0f} tokens/s  {mfu}"
+              f"  (first step {first:.1f} s)")
     cached, fly, compiled, both, one = (results[k][0] for k in results)
     print(f"  cached / on the fly speed-up: {fly / cached:.2f}x")
     print(f"  compiled / eager speed-up (cached): {cached / compiled:.2f}x")

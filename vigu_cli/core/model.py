@@ -169,7 +169,8 @@ class UniViGUTransformerBlock(WanTransformerBlock):
 
         # 2. Shared cross-attention to the prompt, ungated, each stream on its own (the same per token; video
         # that does not attend to text then does not depend on it in autograd's graph either).
-        xs = [(x + self.attn2(self.norm2(x.float()).type_as(x), encoder_hidden_states, None, None)).type_as(x) for x in xs]
+        xs = [(x + self.attn2(self.norm2(x.float()).type_as(x), encoder_hidden_states, None, None)).type_as(x)
+              for x in xs]
 
         # 3. One FFN per modality.
         out = []
