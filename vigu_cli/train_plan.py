@@ -7,7 +7,8 @@ autocast with AdamW (the official release's set-up):
   FSDP shards all three, DeepSpeed ZeRO-2 gradients and optimizer states, ZeRO-3 all three;
 - activations, bf16, per sample and layer ~ tokens x (16 d + 2 ffn) x 2 B without gradient
   checkpointing (attention through SDPA/flash keeps no tokens^2 matrix), or tokens x d x 2 B per
-  layer plus one layer's full activations with it.
+  layer plus one layer's full activations with it; with `trainable: text` and `text.video_attends_text: false`
+  only the text tokens' (and the video keys and values they attend to), as the video stream is not in the graph.
 It is an estimate (allocator fragmentation, CUDA context ~1 GB and temporary buffers come on top); the
 point is to see an out-of-memory coming before it happens.
 """
@@ -97,9 +98,12 @@ def plan(recipe: Recipe, stage_name: str, accelerate_config: str | Path | None =
     video_tokens = (1 + (m.num_frames - 1) // t) // p_t * (m.height // s // p_h) * (m.width // s // p_w)
     text_tokens = recipe.text.max_length if stage.text_target != "none" else 0
     tokens = video_tokens + text_tokens
-    per_layer = tokens * (16 * dim + 2 * arch.ffn_dim) * 2
+    graph = tokens  # the tokens whose activations autograd keeps
+    if stage.trainable == "text" and not recipe.text.video_attends_text:
+        graph = text_tokens  # a frozen video that does not read the text: out of the graph but its keys, values
+    per_layer = graph * (16 * dim + 2 * arch.ffn_dim) * 2 + (tokens - graph) * 2 * dim * 2
     if stage.gradient_checkpointing:
-        activations = tokens * dim * 2 * arch.num_layers + per_layer
+        activations = graph * dim * 2 * arch.num_layers + per_layer
     else:
         activations = per_layer * arch.num_layers
     return Plan(

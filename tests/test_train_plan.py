@@ -1,0 +1,38 @@
+"""`vigu train --dry-run`'s plan: parameters and memory per GPU from the recipe, nothing loaded."""
+
+from pathlib import Path
+
+import pytest
+
+from vigu_cli.recipe import load_recipe
+from vigu_cli.train_plan import plan, transformer_on_meta
+
+ACCELERATE = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
+
+
+def test_parameters_follow_what_the_stage_trains():
+    recipe = load_recipe("world-tiny", ["train.refine.trainable=full"])
+    model = transformer_on_meta(recipe, 50)
+    text = sum(p.numel() for n, p in model.named_parameters() if n in set(model.text_parameter_names()))
+    full, text_only = plan(recipe, "refine"), plan(recipe, "recall")  # world-tiny's recall trains text only
+    assert full.total_params == text_only.total_params == sum(p.numel() for p in model.parameters())
+    assert full.trainable_params == full.total_params and text_only.trainable_params == text
+    assert text_only.gradients == pytest.approx(full.gradients * text / full.total_params)
+
+
+def test_sharding_divides_what_it_shards():
+    recipe = load_recipe("wan2.1-t2v-1.3b")
+    one = plan(recipe, "recall")
+    fsdp = plan(recipe, "recall", ACCELERATE / "8xh800-fsdp.yaml")
+    zero2 = plan(recipe, "recall", ACCELERATE / "8xh800-deepspeed-zero2.yaml")
+    assert (fsdp.processes, fsdp.sharding, zero2.sharding) == (8, "fsdp", "zero2")
+    assert fsdp.weights == pytest.approx(one.weights / 8) and zero2.weights == pytest.approx(one.weights)
+    assert fsdp.optimizer == zero2.optimizer == pytest.approx(one.optimizer / 8)
+    assert fsdp.activations == one.activations > 0
+
+
+def test_a_frozen_video_that_does_not_read_the_text_keeps_fewer_activations():
+    both = plan(load_recipe("world-tiny", ["text.video_attends_text=true"]), "refine")
+    one_way = plan(load_recipe("world-tiny", ["text.video_attends_text=false"]), "refine")
+    full = plan(load_recipe("world-tiny", ["text.video_attends_text=false", "train.refine.trainable=full"]), "refine")
+    assert one_way.activations < both.activations / 4 and full.activations == both.activations
