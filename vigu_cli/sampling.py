@@ -124,22 +124,11 @@ def load_model(options: SamplingOptions) -> UniViGUPipeline:
             options.model, load_recipe(options.recipe),
             torch_dtype={"transformer": dtype, "text_encoder": dtype, "default": torch.float32},
         )
-    if pipe.transformer.dtype != dtype:  # a stock Wan folder converted on the fly comes out in float32
-        cast_as_loaded(pipe.transformer, dtype)
     for name, inert in (("text_temperature", 1.0), ("text_order", "random")):
         if getattr(options, name) not in (None, inert) and pipe.text_flow.continuous:
             raise VigUError(f"{flag(name)}: {options.model} uses the {pipe.text_flow.name} text flow, "
                             "which draws no tokens (the option is for the discrete flow); leave it out")
     return pipe.to(device)
-
-
-def cast_as_loaded(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """The parameters in `dtype` but those `from_pretrained(torch_dtype=dtype)` keeps in float32 (the class's
-    `_keep_in_fp32_modules`), so a converted model samples as its saved folder does."""
-    keep = model._keep_in_fp32_modules or []
-    for name, param in model.named_parameters():
-        if not any(module in name.split(".") for module in keep):
-            param.data = param.data.to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------------

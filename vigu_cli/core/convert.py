@@ -124,10 +124,13 @@ def load_pipeline(path: str | Path, recipe: Recipe, **kwargs) -> UniViGUPipeline
     if kind == "UniViGUPipeline":
         return UniViGUPipeline.from_pretrained(path, local_files_only=True, **kwargs)
     if kind == "WanPipeline":
-        # The conversion makes a float32 transformer (`from_wan`), so the stock one loads in float32 too: one
-        # rounding when the caller casts it, as for a saved vigu folder.
-        if isinstance(kwargs.get("torch_dtype"), dict):
-            kwargs = {**kwargs, "torch_dtype": {**kwargs["torch_dtype"], "transformer": torch.float32}}
+        # The conversion makes a float32 transformer (`from_wan`): the stock one loads in float32 and the result
+        # is cast to the asked dtype as `from_pretrained` casts a saved vigu folder (one rounding, not two).
+        dtypes = kwargs.get("torch_dtype")
+        dtype = dtypes.get("transformer", dtypes.get("default")) if isinstance(dtypes, dict) else dtypes
+        if dtype is not None:
+            given = dtypes if isinstance(dtypes, dict) else {"default": dtypes}
+            kwargs = {**kwargs, "torch_dtype": {**given, "transformer": torch.float32}}
         # WanPipeline's signature names AutoencoderKLWan; the world's exact autoencoder has its interface,
         # so diffusers' "Expected types for vae" warning would be noise on every world command.
         type_check = diffusers_logging.get_logger("diffusers.pipelines.pipeline_utils")
@@ -137,8 +140,20 @@ def load_pipeline(path: str | Path, recipe: Recipe, **kwargs) -> UniViGUPipeline
             wan = WanPipeline.from_pretrained(path, local_files_only=True, **kwargs)
         finally:
             type_check.setLevel(level)
-        return vigu_from_wan(wan, recipe)
+        pipe = vigu_from_wan(wan, recipe)
+        if dtype is not None and pipe.transformer is not None:
+            cast_as_loaded(pipe.transformer, dtype)
+        return pipe
     raise VigUError(f"{path} holds a {kind}, not a WanPipeline or UniViGUPipeline folder")
+
+
+def cast_as_loaded(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The parameters in `dtype` but those `from_pretrained(torch_dtype=dtype)` keeps in float32 (the class's
+    `_keep_in_fp32_modules`), so a converted model samples as its saved folder does."""
+    keep = model._keep_in_fp32_modules or []
+    for name, param in model.named_parameters():
+        if not any(module in name.split(".") for module in keep):
+            param.data = param.data.to(dtype)
 
 
 WORLD_PRETRAINED = Path(__file__).resolve().parents[1] / "assets" / "world-wan2.1"

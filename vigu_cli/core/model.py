@@ -90,17 +90,16 @@ class _RotaryAfter:
         return apply_rotary_emb(x, self.cos_sin, use_real=True, use_real_unbind_dim=-1, sequence_dim=1).flatten(2)
 
 
-class _TextQueryView:
-    """WanAttention's interface for the text tokens' queries over the keys and values of `[video ; text]`
-    (projected per modality, as in `_JointAttentionView`): diffusers' `WanAttnProcessor` runs it as a
-    cross-attention, with the RoPE applied by the norms (`_RotaryAfter`)."""
+class _TextQueryView(_JointAttentionView):
+    """The `_JointAttentionView` for the text tokens' queries only, over the keys and values of `[video ; text]`:
+    diffusers' `WanAttnProcessor` runs it as a cross-attention, with the RoPE applied by the norms
+    (`_RotaryAfter`)."""
 
     def __init__(self, video: WanAttention, text: WanAttention, num_video: int, rotary_emb):
-        self.heads, self.add_k_proj, self.fused_projections = video.heads, None, False
+        super().__init__(video, text, num_video)
         self.to_q, self.to_out = text.to_q, text.to_out
-        self.to_k, self.to_v = (_PerModality(getattr(video, n), getattr(text, n), num_video) for n in ("to_k", "to_v"))
         self.norm_q = _RotaryAfter(text.norm_q, tuple(r[:, num_video:] for r in rotary_emb), video.heads)
-        self.norm_k = _RotaryAfter(_PerModality(video.norm_k, text.norm_k, num_video), rotary_emb, video.heads)
+        self.norm_k = _RotaryAfter(self.norm_k, rotary_emb, video.heads)
 
 
 class _TextAttnProcessor(WanAttnProcessor):
