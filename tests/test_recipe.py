@@ -37,6 +37,9 @@ def test_override_is_type_checked_and_applied():
         ("smapling.steps=3", "did you mean 'sampling'?"),
         ("sampling.steps.x=3", "'sampling.steps' is a value, not a section"),
         ("sampling.steps", "must look like section.key=value"),
+        ("flow.corner_prob=1.5", "'flow.corner_prob' must be between 0 and 1, got 1.5"),
+        ("train.refine.cond_dropout=-0.1", "'train.refine.cond_dropout' must be between 0 and 1, got -0.1"),
+        ("train.recall.ema_decay=x", "'train.recall.ema_decay' must be float, got str 'x'"),
     ],
 )
 def test_bad_overrides_give_one_line(override, message):

@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 
@@ -67,6 +67,17 @@ class TextEncoderArch:
     num_heads: int = 2
     relative_attention_num_buckets: int = 8
     max_length: int = 512
+
+
+@dataclass(frozen=True)
+class Between:
+    """A recipe number's closed range, checked when the recipe is read (`Annotated[float, Between(0, 1)]`)."""
+
+    low: float
+    high: float
+
+
+Probability = Annotated[float, Between(0.0, 1.0)]
 
 
 @dataclass
@@ -125,8 +136,8 @@ class FlowSection:
     tau_shift: float = 1.0
     logit_mean: float = 0.0
     logit_std: float = 1.0
-    corner_prob: float = 0.0  # probability of sampling a task corner (tau_v = 1 or tau_t = 1)
-    understanding_share: float = 0.5  # of the corners: understanding (clean video); the rest generation (clean text)
+    corner_prob: Probability = 0.0  # probability of sampling a task corner (tau_v = 1 or tau_t = 1)
+    understanding_share: Probability = 0.5  # of the corners: understanding (clean video); the rest generation (clean text)
     lambda_video: float = 1.0
     lambda_text: Literal["auto"] | float = "auto"  # "auto": |z_v| / |z_t| (paper)
 
@@ -157,7 +168,7 @@ class StageSection:
     lora_alpha: float = 32.0
     lora_targets: list[str] = field(default_factory=lambda: ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"])
     text_target: Literal["none", "prompt", "caption"] = "caption"
-    cond_dropout: float = 0.1  # probability of replacing the prompt condition by the empty prompt
+    cond_dropout: Probability = 0.1  # probability of replacing the prompt condition by the empty prompt
     learning_rate: float = 1e-4
     text_learning_rate: Optional[float] = None  # the new text parameters' rate (None: learning_rate)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # paper: Adam (0.9, 0.95)
@@ -168,7 +179,7 @@ class StageSection:
     batch_size: int = 8  # per process
     grad_accum: int = 1
     max_grad_norm: float = 1.0
-    ema_decay: float = 0.0  # > 0: keep an exponential moving average of the trained weights and save it (DDP/one process)
+    ema_decay: Probability = 0.0  # > 0: keep an exponential moving average of the trained weights and save it (DDP/one process)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the transformer's training forward (inductor); the first step compiles
@@ -290,7 +301,7 @@ def apply_override(recipe: Any, item: str) -> None:
             where = ".".join(keys[:depth]) or "the recipe"
             raise RecipeError(_unknown_key_message(".".join(keys[: depth + 1]), key, names, where))
         if depth == len(keys) - 1:
-            hint = typing.get_type_hints(type(target))[key]
+            hint = typing.get_type_hints(type(target), include_extras=True)[key]
             setattr(target, key, convert(hint, yaml.safe_load(raw), dotted))
         else:
             target = getattr(target, key)
@@ -310,7 +321,7 @@ def build(cls: type, data: Any, where: str) -> Any:
     """Build dataclass `cls` from a mapping, checking keys and types; `where` is the dotted path."""
     if not isinstance(data, dict):
         raise RecipeError(f"'{where or 'recipe'}' must be a mapping, got {type(data).__name__}: {data!r}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
@@ -326,6 +337,12 @@ def convert(hint: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
         return build(hint, value, where)
+    if origin is Annotated:
+        value = convert(hint.__origin__, value, where)
+        for bounds in hint.__metadata__:
+            if not bounds.low <= value <= bounds.high:
+                raise RecipeError(f"'{where}' must be between {bounds.low:g} and {bounds.high:g}, got {value!r}")
+        return value
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:
