@@ -323,3 +323,24 @@ def test_video_that_does_not_attend_to_text_is_the_stock_video_and_text_reads_al
     out.text_sample.square().mean().backward()
     trained = one_way.blocks[0].attn1_text.to_q if attention == "own" else one_way.blocks[0].ffn_text.net[0].proj
     assert trained.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("attention", ["shared", "own"])
+def test_a_video_context_gives_the_text_prediction_of_the_video_itself(attention):
+    """A video that does not attend to the text, computed once (`video_context`), then text-only forwards:
+    the text prediction of a forward with the video, for any text; a video that reads the text has none."""
+    x = inputs(formulation="discrete")
+    one_way = unified("discrete", seed=5, text_attention=attention, video_attends_text=False)
+    video = {k: x[k] for k in ("hidden_states", "timestep", "encoder_hidden_states")}
+    with torch.no_grad():
+        context = one_way.video_context(**video)
+        for text_states in (x["text_states"], (x["text_states"] + 3) % VOCAB):
+            text = {"text_states": text_states, "timestep_text": x["timestep_text"]}
+            want = one_way(**video, **text).text_sample
+            got = one_way(encoder_hidden_states=x["encoder_hidden_states"], video_context=context, **text)
+            assert got.sample is None
+            torch.testing.assert_close(got.text_sample, want, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="not both"):
+            one_way(**x, video_context=context)
+        with pytest.raises(ValueError, match="attends to the text"):
+            unified("discrete", text_attention=attention).video_context(**video)

@@ -123,3 +123,32 @@ def test_tiny_model_overfits_one_pair_and_captions_it_exactly(tiny_wan_dir):
     out = pipe.caption(clip, generator=torch.Generator().manual_seed(0), steps=10)
     assert out.texts[0] == caption
     assert world.parse_caption(out.texts[0]) == spec.attributes()
+
+
+def test_one_way_caption_computes_the_video_once_per_condition_and_generate_skips_the_text(tiny_wan_dir):
+    """With a video that does not attend to the text: `caption` runs the video through the blocks once per
+    condition (hint and empty prompt under guidance), not at every step, and says what the step-by-step
+    solve says; `generate` runs no text stream (the video could not read it)."""
+    pipe = load_pipeline(tiny_wan_dir, tiny_recipe("text.video_attends_text=false", "text.formulation=discrete"))
+    torch.manual_seed(1)
+    for p in pipe.transformer.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    clip = frames_to_tensor(world.render(world.sample_clip(np.random.default_rng(0), 16, 16, 9)))[None]
+    ffn_calls = []
+    pipe.transformer.blocks[0].ffn.register_forward_hook(lambda *args: ffn_calls.append(1))
+    settings = dict(steps=4, guidance_text=2.0)
+    pipe.caption(clip, hint=PROMPT, generator=torch.Generator().manual_seed(3), **settings)
+    assert len(ffn_calls) == 2  # the video's FFN: once for the hint, once for the empty prompt
+
+    def solve(model_fn):
+        frozen = Stream(pipe.encode_video(clip), frozen=True)
+        text = Stream(pipe._noise_text(1, torch.Generator().manual_seed(3)))
+        return pipe._solve(frozen, text, [PROMPT], torch.Generator().manual_seed(3), None, settings, model_fn)[1]
+
+    stepwise, once = solve(pipe.model_fn), solve(pipe.frozen_video_model_fn())
+    assert torch.equal(stepwise, once) and len(set(stepwise[0].tolist())) > 1
+
+    text_calls = []
+    pipe.transformer.blocks[0].ffn_text.register_forward_hook(lambda *args: text_calls.append(1))
+    pipe.generate(PROMPT, generator=torch.Generator().manual_seed(3), steps=2, output_type="latent")
+    assert text_calls == []

@@ -45,6 +45,17 @@ TEXT_MODULES = (
 
 
 @dataclass
+class VideoContext:
+    """What the text stream reads of a video that does not attend to the text (`video_attends_text=False`),
+    computed once by `UniViGUTransformer.video_context`: per block, the video tokens as its self-attention
+    takes them (normalised and modulated), and the video's RoPE. A frozen video (`caption`) then costs one
+    video forward, and each solver step runs the text stream alone."""
+
+    tokens: list[torch.Tensor]
+    rotary_emb: tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
 class UniViGUTransformerOutput(BaseOutput):
     """`sample`: video prediction `[B, C, F, H, W]` (None without video); `text_sample`: text prediction,
     `[B, L, d_t]` (embedding) or logits `[B, L, V]` (discrete), None without text. Read the fields by
@@ -143,9 +154,11 @@ class UniViGUTransformerBlock(WanTransformerBlock):
         rotary_emb: tuple[torch.Tensor, torch.Tensor],
         text_hidden_states: torch.Tensor | None = None,
         temb_text: torch.Tensor | None = None,
+        video_tokens: torch.Tensor | None = None,
     ):
         """Without text: the stock block. With text: returns `(video or None, text)`; `rotary_emb` then
-        covers `[video ; text]` and `temb`, `temb_text` are `[B, 6, D]` projections."""
+        covers `[video ; text]` and `temb`, `temb_text` are `[B, 6, D]` projections. `video_tokens` (with no
+        `hidden_states`): this block's tokens of a `VideoContext`, which the text queries read."""
         if text_hidden_states is None:
             return super().forward(hidden_states, encoder_hidden_states, temb, rotary_emb)
         streams = [(hidden_states, temb, self.ffn), (text_hidden_states, temb_text, self.ffn_text)]
@@ -157,8 +170,12 @@ class UniViGUTransformerBlock(WanTransformerBlock):
         # 1. Self-attention over [video ; text] (shared, or per-modality projections); each stream modulated
         # and gated by its own timestep.
         norm_x = [(self.norm1(x.float()) * (1 + m[1]) + m[0]).type_as(x) for x, m in zip(xs, mods)]
-        text = {"text": getattr(self, "attn1_text", self.attn1), "num_video": sum(sizes[:-1])}
-        if self.video_attends_text or hidden_states is None:
+        num_video = sum(sizes[:-1]) if video_tokens is None else video_tokens.shape[1]
+        text = {"text": getattr(self, "attn1_text", self.attn1), "num_video": num_video}
+        if video_tokens is not None:  # a video computed before (VideoContext): text queries over [it ; text]
+            keys = torch.cat([video_tokens.type_as(norm_x[0]), norm_x[0]], dim=1)
+            attn_output = (self.attn1(norm_x[0], keys, None, rotary_emb, **text),)
+        elif self.video_attends_text or hidden_states is None:
             attn_output = self.attn1(torch.cat(norm_x, dim=1), None, None, rotary_emb, **text).split(sizes, dim=1)
         else:  # the stock attention of the video tokens, then the text tokens' queries over [video ; text]
             video_rotary = tuple(r[:, : sizes[0]] for r in rotary_emb)
@@ -343,10 +360,12 @@ class UniViGUTransformer(WanTransformer3DModel):
         encoder_hidden_states_image: torch.Tensor | None = None,
         return_dict: bool = True,
         attention_kwargs: dict[str, Any] | None = None,
+        video_context: VideoContext | None = None,
     ) -> UniViGUTransformerOutput | tuple[torch.Tensor | None, torch.Tensor | None]:
         """Video `[B, C, F, H, W]` with `timestep` `[B]`; text `[B, L, d_t]` float (embedding) or `[B, L]`
         ids (discrete) with `timestep_text` `[B]`; either stream may be None. Diffusers time: 0..1000,
-        1000 = noise; both predictions are `noise - data` (text logits for discrete)."""
+        1000 = noise; both predictions are `noise - data` (text logits for discrete). `video_context` (from
+        `video_context()`, with no `hidden_states`): the text reads that video, as if it were given."""
         if text_states is None:
             sample = super().forward(
                 hidden_states,
@@ -359,16 +378,41 @@ class UniViGUTransformer(WanTransformer3DModel):
             text_sample = None
         else:
             sample, text_sample = self._joint_forward(
-                hidden_states, timestep, encoder_hidden_states, text_states, timestep_text, encoder_hidden_states_image
+                hidden_states, timestep, encoder_hidden_states, text_states, timestep_text, encoder_hidden_states_image,
+                video_context,
             )
         if not return_dict:
             return sample, text_sample
         return UniViGUTransformerOutput(sample=sample, text_sample=text_sample)
 
-    def _joint_forward(self, hidden_states, timestep, encoder_hidden_states, text_states, timestep_text, image):
+    @torch.no_grad()
+    def video_context(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
+                      encoder_hidden_states: torch.Tensor) -> VideoContext:
+        """One stock forward of a video that does not attend to the text, keeping what each block's text
+        queries read of it (`VideoContext`): with it, `forward(video_context=...)` runs the text alone and
+        predicts what a forward with this video would."""
+        if self.config.video_attends_text:
+            raise ValueError("the video attends to the text (video_attends_text=True): it changes with the text, "
+                             "so there is no video context to keep")
+        tokens = []
+        hooks = [block.attn1.register_forward_pre_hook(lambda module, args: tokens.append(args[0]))
+                 for block in self.blocks]
+        try:
+            super().forward(hidden_states, timestep, encoder_hidden_states, return_dict=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return VideoContext(tokens, self.rope(hidden_states))
+
+    def _joint_forward(self, hidden_states, timestep, encoder_hidden_states, text_states, timestep_text, image,
+                       video_context=None):
         prompt = encoder_hidden_states
         text = self.text_in(text_states)
         rotary = [self._text_rotary_emb(text.shape[1], text.device)]
+        if video_context is not None:
+            if hidden_states is not None:
+                raise ValueError("give the video (hidden_states) or its video_context, not both")
+            rotary.insert(0, video_context.rotary_emb)
         video = temb = timestep_proj = None
         if hidden_states is not None:
             if timestep.ndim != 1:
@@ -390,8 +434,9 @@ class UniViGUTransformer(WanTransformer3DModel):
         temb_text = self.time_embedder_text(t.to(self.time_embedder_text.linear_1.weight.dtype)).type_as(prompt)
         timestep_proj_text = self.time_proj_text(self.condition_embedder.act_fn(temb_text)).unflatten(1, (6, -1))
 
-        for block in self.blocks:
-            args = (video, encoder_hidden_states, timestep_proj, rotary_emb, text, timestep_proj_text)
+        cached = video_context.tokens if video_context is not None else [None] * len(self.blocks)
+        for block, video_tokens in zip(self.blocks, cached):
+            args = (video, encoder_hidden_states, timestep_proj, rotary_emb, text, timestep_proj_text, video_tokens)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 video, text = self._gradient_checkpointing_func(block, *args)
             else:

@@ -7,7 +7,7 @@ different stream frozen (DESIGN.md section 6):
 
 - `generate(prompt)`: text frozen (the clean prompt tokens, or no text stream), video from noise;
 - `caption(video)`: video frozen at the clip's clean latent, text from noise, conditioned on the empty
-  prompt or a hint;
+  prompt or a hint (a video that does not attend to the text is computed once, `VideoContext`);
 - `joint(prompt)`: both from noise, coupled through the shared attention.
 
 Prompt encoding, latent preparation and the stock text-to-video `__call__` are WanPipeline's own.
@@ -160,7 +160,7 @@ class UniViGUPipeline(WanPipeline):
     def decode_text(self, state: torch.Tensor) -> list[str]:
         return decode_ids(self.text_tokenizer, self.text_flow.decode(self.transformer, state))
 
-    def model_fn(self, x_v, x_t, t_v, t_t, condition):
+    def model_fn(self, x_v, x_t, t_v, t_t, condition, video_context=None):
         """One transformer evaluation in the solver's terms (fp32 state in, fp32 predictions out)."""
         dtype = self.transformer.dtype
         if x_t is not None and x_t.is_floating_point():
@@ -172,8 +172,24 @@ class UniViGUPipeline(WanPipeline):
             text_states=x_t,
             timestep_text=t_t,
             return_dict=False,
+            video_context=video_context,
         )
         return (video.float() if video is not None else None, text.float() if text is not None else None)
+
+    def frozen_video_model_fn(self):
+        """`model_fn` for a frozen video that does not attend to the text (`video_attends_text=False`): the
+        video's `VideoContext` is computed at the first step for each condition (prompt, empty prompt) and
+        every step after runs the text stream alone; the same predictions as `model_fn`."""
+        contexts = []  # (condition, its VideoContext): the solver passes the same condition tensors each step
+
+        def model_fn(x_v, x_t, t_v, t_t, condition):
+            context = next((c for cond, c in contexts if cond is condition), None)
+            if context is None:
+                context = self.transformer.video_context(x_v.to(self.transformer.dtype), t_v, condition)
+                contexts.append((condition, context))
+            return self.model_fn(None, x_t, None, t_t, condition, video_context=context)
+
+        return model_fn
 
     def sampling_settings(self, **overrides) -> dict:
         """The solver settings a call uses: the model's defaults (its config and scheduler shift) with
@@ -192,7 +208,7 @@ class UniViGUPipeline(WanPipeline):
             merged["text_shift"] = merged["shift"]
         return merged
 
-    def _solve(self, video, text, prompts, generator, callback, settings):
+    def _solve(self, video, text, prompts, generator, callback, settings, model_fn=None):
         s = self.sampling_settings(**settings)
         device = self._execution_device
         condition = self.encode_condition(prompts, device)
@@ -200,7 +216,7 @@ class UniViGUPipeline(WanPipeline):
         uncondition = self.encode_condition([""] * len(prompts), device) if guided and any(prompts) else None
         solver = FlowSolver(s["steps"], s["solver"], s["shift"], s["text_shift"])
         return solver(
-            self.model_fn, video, text, self.text_flow, condition, uncondition,
+            model_fn or self.model_fn, video, text, self.text_flow, condition, uncondition,
             s["guidance_video"], s["guidance_text"], generator, callback, s["text_temperature"], s["text_order"],
         )
 
@@ -238,11 +254,12 @@ class UniViGUPipeline(WanPipeline):
         **settings,
     ) -> UniViGUPipelineOutput:
         """Text-to-video. `text_stream`: `prompt` (the clean prompt tokens ride in the text stream, paper
-        eq. 17) or `none` (plain Wan text-to-video); default from the pipeline config."""
+        eq. 17) or `none` (plain Wan text-to-video); default from the pipeline config. A video that does not
+        attend to the text (`video_attends_text=False`) is the same either way, so no text stream runs."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         video = Stream(self._noise_video(len(prompts), generator, height, width, num_frames))
         text = None
-        if (text_stream or self.config.generate_text) == "prompt":
+        if (text_stream or self.config.generate_text) == "prompt" and self.transformer.config.video_attends_text:
             ids = self.text_ids(prompts).to(self._execution_device)
             text = Stream(self.text_flow.clean(self.transformer, ids), frozen=True)
         latents, _ = self._solve(video, text, prompts, generator, callback, settings)
@@ -263,7 +280,9 @@ class UniViGUPipeline(WanPipeline):
         hints = [""] * batch if hint is None else ([hint] * batch if isinstance(hint, str) else list(hint))
         frozen = Stream(self.encode_video(video), frozen=True)
         text = Stream(self._noise_text(batch, generator))
-        _, state = self._solve(frozen, text, hints, generator, callback, settings)
+        one_way = not self.transformer.config.video_attends_text  # the video is then computed once
+        model_fn = self.frozen_video_model_fn() if one_way else None
+        _, state = self._solve(frozen, text, hints, generator, callback, settings, model_fn)
         return UniViGUPipelineOutput(texts=self.decode_text(state))
 
     @torch.no_grad()
