@@ -14,8 +14,8 @@
 #   DEMO_SET    extra recipe overrides for build-dataset and train, e.g.
 #               "--set train.recall.max_steps=20 --set train.refine.max_steps=20"
 #   DEMO_EVAL_ITEMS, DEMO_EVAL_STEPS   vigu eval's --items (default 200) and --steps (default: the model's)
-#   DEMO_DTYPE  the sampling commands' and vigu eval's --dtype (default bfloat16: on a CPU with AMX,
-#               1.5x faster than float32 at the same scores, README)
+#   DEMO_DTYPE  the sampling commands' and vigu eval's --dtype (default auto: bfloat16 where it is fast,
+#               on CUDA or a CPU with AMX / AVX512-BF16, else float32; README)
 set -euo pipefail
 
 read -r -a VIGU <<< "${VIGU:-vigu}"
@@ -23,7 +23,7 @@ PYTHON=${PYTHON:-python3}
 DIR=${DEMO_DIR:-runs/demo}
 RECIPE=world-tiny
 read -r -a OVERRIDES <<< "${DEMO_SET:-}"
-SAMPLE_ARGS=(--model "$DIR/model" --dtype "${DEMO_DTYPE:-bfloat16}")
+SAMPLE_ARGS=(--model "$DIR/model" --dtype "${DEMO_DTYPE:-auto}")
 EVAL_ARGS=(--items "${DEMO_EVAL_ITEMS:-200}")
 if [[ -n ${DEMO_EVAL_STEPS:-} ]]; then EVAL_ARGS+=(--steps "$DEMO_EVAL_STEPS"); fi
 

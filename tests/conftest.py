@@ -18,8 +18,8 @@ TINY = [
     "text.max_length=32", "text.latent_dim=16", "sampling.steps=4", "text.formulation=embedding",
     "flow.tau_sampling=uniform", "flow.corner_prob=0.0",
     "text.video_attends_text=true",  # the paper's attention (world-tiny's video does not read the text)
-    # fp32 on CPU, so resume and multi-process runs compare exactly
-    "train.base.mixed_precision=auto", "train.recall.mixed_precision=auto", "train.refine.mixed_precision=auto",
+    # fp32, so resume and multi-process runs compare exactly
+    "train.base.mixed_precision=no", "train.recall.mixed_precision=no", "train.refine.mixed_precision=no",
     "train.recall.ema_decay=0", "train.refine.ema_decay=0",  # the trained weights themselves, unless a test asks
     "train.recall.compile=false", "train.refine.compile=false",  # eager: exact comparisons, no compile time
 ]

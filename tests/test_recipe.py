@@ -25,6 +25,8 @@ def test_override_is_type_checked_and_applied():
     assert recipe.flow.lambda_text == 2.0
     assert load_recipe("world-tiny", ["train.recall.learning_rate=3e-4"]).train.recall.learning_rate == 3e-4
     assert load_recipe("world-tiny", ["model.transformer.patch_size=[1,2,2]"]).model.transformer.patch_size == [1, 2, 2]
+    # YAML 1.1 reads `no` as false: a choice spelled so is still that choice
+    assert load_recipe("world-tiny", ["train.refine.mixed_precision=no"]).train.refine.mixed_precision == "no"
 
 
 @pytest.mark.parametrize(

@@ -45,9 +45,10 @@ from .data.manifest import (COMMON, INFO, SHARDS, VIDEOS, ItemLine, is_validatio
                             write_json, write_lines)
 from .data.video_io import write_video
 from .errors import VigUError
+from .precision import resolve_dtype
 from .recipe import Recipe
 from .synth.captioners import CaptionItem, Captioner, count_tokens, make_captioner
-from .synth.generators import Clip, VideoGenerator, make_generator, resolve_dtype
+from .synth.generators import Clip, VideoGenerator, make_generator
 from .synth.prompts import PlannedItem, plan_items
 
 log = logging.getLogger(__name__)

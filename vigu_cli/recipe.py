@@ -180,7 +180,7 @@ class StageSection:
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     ema_decay: Probability = 0.0  # > 0: keep an exponential moving average of the trained weights and save it (DDP/one process)
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 where fast (CUDA, AMX CPUs), else fp32
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the transformer's training forward (inductor); the first step compiles
     checkpoint_every: int = 500
@@ -235,7 +235,7 @@ class DataSection:
     captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
     latents_dtype: Literal["float32", "bfloat16"] = "float32"  # how cached latents are stored
     embeds_dtype: Literal["float32", "bfloat16"] = "float32"  # how cached prompt embeddings are stored
-    text_encoder_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    text_encoder_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 where fast (GPU, AMX CPUs), else fp32
     keep_videos: bool = True  # also write each clip as videos/<id>.mp4 (to inspect, or for `vigu caption`)
 
 
@@ -345,6 +345,9 @@ def convert(hint: Any, value: Any, where: str) -> Any:
         return value
     if origin is Literal:
         choices = typing.get_args(hint)
+        if isinstance(value, bool):  # YAML 1.1 reads no / off / yes / on as booleans: the choice so spelled
+            spelled = [c for c in choices if c in (("yes", "on", "true") if value else ("no", "off", "false"))]
+            value = spelled[0] if len(spelled) == 1 else value
         if value not in choices:
             hint_word = _closest(str(value), [str(c) for c in choices])
             raise RecipeError(

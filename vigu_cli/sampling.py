@@ -32,10 +32,11 @@ from .core.text import TEXT_ORDERS
 from .data.manifest import write_json, write_text
 from .data.video_io import frames_to_tensor, load_clip, write_video
 from .errors import VigUError
+from .precision import default_device, resolve_dtype
 from .recipe import load_recipe
 
 DEFAULT_MODEL = "runs/demo/model"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -55,7 +56,7 @@ class SamplingOptions:
     seed: int = 0
     batch: int = 1  # samples per solver call
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto (bfloat16 where its matmuls are fast: CUDA, AMX CPUs; else float32) | float32 | ...
 
     def __post_init__(self):
         """Every value is checked before a model is loaded."""
@@ -92,7 +93,7 @@ def flag(name: str) -> str:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return default_device()
     if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
         raise VigUError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N")
     device = torch.device(name)
@@ -116,7 +117,7 @@ def load_model(options: SamplingOptions) -> UniViGUPipeline:
     if options.model == DEFAULT_MODEL and not Path(DEFAULT_MODEL).exists():
         raise VigUError(f"no model at {DEFAULT_MODEL}: run `make demo` or pass --model PATH")
     device = resolve_device(options.device)
-    dtype = DTYPES[options.dtype] if options.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = resolve_dtype(options.dtype, device)
     quiet_libraries()
     with warnings.catch_warnings():  # diffusers>=0.35 (our floor) reads torch_dtype; newer ones call it deprecated
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)

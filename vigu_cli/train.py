@@ -40,6 +40,7 @@ from .data.cache import CachedVideoTextDataset, check_compatible, collate
 from .data.manifest import MANIFEST, is_validation, read_lines
 from .data.video_io import write_video
 from .errors import VigUError
+from .precision import default_device, fast_bfloat16
 from .evaluate import caption_accuracy, generation_accuracy
 from .data import world
 from .recipe import Recipe, StageSection
@@ -192,7 +193,7 @@ def check_compiler(device: torch.device, stage_name: str) -> None:
 def mixed_precision(stage: StageSection) -> str:
     if stage.mixed_precision != "auto":
         return stage.mixed_precision
-    return "bf16" if torch.cuda.is_available() else "no"
+    return "bf16" if fast_bfloat16(default_device()) else "no"
 
 
 def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from ..errors import VigUError
+from ..precision import default_device, resolve_dtype
 from .captioners import Captioner, CaptionerConfig, CaptionItem, Reply, item_seed, prepare_frames
 
 
@@ -26,11 +27,8 @@ class TransformersCaptioner(Captioner):
                 f"captioner model folder {path} not found: set data.captioner.model_path to a local "
                 "vision-language model folder (e.g. a downloaded Qwen2.5-VL-7B-Instruct)"
             )
-        self.device = torch.device(config.device if config.device != "auto" else _default_device())
-        if config.dtype == "auto":
-            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        else:
-            dtype = getattr(torch, config.dtype)
+        self.device = torch.device(config.device) if config.device != "auto" else default_device()
+        dtype = resolve_dtype(config.dtype, self.device)
         try:
             self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
             self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True)
@@ -76,5 +74,3 @@ class TransformersCaptioner(Captioner):
         return [text.strip() for text in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -20,6 +20,7 @@ import torch
 from ..data import world
 from ..data.video_io import fit_video, read_video
 from ..errors import VigUError
+from ..precision import resolve_dtype
 from ..recipe import DataSection, ModelSection
 from .captioners import item_seed
 from .prompts import PlannedItem
@@ -110,13 +111,6 @@ class WanGenerator(VideoGenerator):
 def video_seed(seed: int, index: int) -> int:
     """The seed of item `index`'s noise: independent of the order, batching and sharding of the run."""
     return item_seed(seed, f"video/{index}") % 2**63
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: bfloat16 on a GPU, float32 on the CPU."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 def make_generator(model: ModelSection, data: DataSection, device: torch.device, shared: dict) -> VideoGenerator:
