@@ -3,8 +3,10 @@
 For each architecture, in one run on the same shapes, after a warm-up, interleaved repeats:
   stock Wan T2V step  diffusers `WanTransformer3DModel` (the same weights, text dropped) called twice,
                       conditional and unconditional (classifier-free guidance), plus the Euler update
-  caption             `UniViGUPipeline.caption` (no hint: the empty prompt, so one forward per step)
-  generate            `UniViGUPipeline.generate` (the prompt frozen in the text stream; guidance: two forwards)
+  caption             `UniViGUPipeline.caption` (no hint: the empty prompt, so one forward per step; with
+                      `video_attends_text: false` the video is computed once and each step runs the text alone)
+  generate            `UniViGUPipeline.generate` (the prompt frozen in the text stream, none where the video
+                      does not attend to the text; guidance: two forwards)
   joint               `UniViGUPipeline.joint` (both streams flow; guidance: two forwards)
 A step's time is the interval between two of the pipeline's step callbacks (prompt encoding, the VAE
 and the first step are left out); the headline is the median over steps and repeats, `min` the least
@@ -12,11 +14,12 @@ disturbed step on a shared machine; ratio = mode step / stock step. `FLOP-expect
 predicted from matmul FLOPs alone (forwards per step, video + text tokens; `model_overhead.py`'s count).
 
 Architectures (random weights: timing does not depend on them; the recipe's sampling defaults):
-  world-tiny          the recipe as it is
+  world-tiny          the recipe as it is (its video does not attend to the text)
   wan2.1-t2v-1.3b     the recipe's transformer at 2 layers, a reduced canvas (13 x 256 x 256 -> 1,024
                       video tokens; --quick: 13 x 128 x 256 -> 512), 128 text tokens (--quick: 64), the
                       512-token prompt; a tiny umT5 of width 4096 and a tiny AutoencoderKLWan stand in
-                      for the real ones, which no step calls.
+                      for the real ones, which no step calls; the paper's attention (the Wan recipes'), then
+                      with `text.video_attends_text: false`.
 
     PYTHONPATH=. python benchmarks/sampling.py [--quick] [--threads 1]
 """
@@ -30,7 +33,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.model_overhead import matmul_flops
+from benchmarks.model_overhead import matmul_flops, text_only_flops
 from vigu_cli.core.convert import pipeline_from_recipe, wan_from_vigu
 from vigu_cli.recipe import load_recipe
 from vigu_cli.sampling import quiet_libraries
@@ -99,11 +102,15 @@ def bench(name: str, pipe, steps: int, repeats: int) -> None:
         f"{video_tokens} video tokens, {cfg.text_max_length} text tokens, {cfg.prompt_max_length} prompt tokens; "
         f"batch 1, guidance video {guidance} / text {cfg.guidance_text}; {steps} steps x {repeats} repeats"
     )
-    flops = lambda text: matmul_flops(dict(arch), video_tokens, text, cfg.prompt_max_length, arch.text_latent_dim)  # noqa: E731
-    with_text = flops(cfg.text_max_length) / flops(0)
+    sizes = (video_tokens, cfg.text_max_length, cfg.prompt_max_length, arch.text_latent_dim)
+    video_only, with_text = matmul_flops(dict(arch), sizes[0], 0, *sizes[2:]), matmul_flops(dict(arch), *sizes)
     guided = 2 if max(guidance, cfg.guidance_text) > 1 else 1
-    expected = {"stock Wan T2V step (CFG)": 1.0, "caption": with_text / 2, "generate": with_text * guided / 2,
-                "joint": with_text * guided / 2}
+    stock_step, joint_step = 2 * video_only, guided * with_text
+    one_way = not arch.video_attends_text  # caption then runs the text alone, generate no text stream
+    caption_step = text_only_flops(dict(arch), *sizes) if one_way else with_text
+    generate_step = guided * video_only if one_way else joint_step
+    expected = {"stock Wan T2V step (CFG)": 1.0, "caption": caption_step / stock_step,
+                "generate": generate_step / stock_step, "joint": joint_step / stock_step}
     stock_median, stock_min = statistics.median(times["stock Wan T2V step (CFG)"]), min(times["stock Wan T2V step (CFG)"])
     print(f"  {'':28} {'s/step median':>14} {'min':>8} {'ratio median':>13} {'ratio min':>10} {'FLOP-expected':>14}")
     for key, values in times.items():
@@ -125,8 +132,11 @@ def main() -> None:
           repeats=2 if args.quick else 5)
     canvas = ["model.height=128", "model.width=256", "text.max_length=64"] if args.quick else [
         "model.height=256", "model.width=256", "text.max_length=128"]
-    wan = pipeline_from_recipe(load_recipe("world-tiny", WAN_13B_AT_2_LAYERS + canvas))
-    bench("wan2.1-t2v-1.3b (2 layers)", wan, steps=3 if args.quick else 4, repeats=1 if args.quick else 3)
+    for video_attends_text in ("true", "false"):
+        wan = pipeline_from_recipe(load_recipe(
+            "world-tiny", WAN_13B_AT_2_LAYERS + canvas + [f"text.video_attends_text={video_attends_text}"]))
+        bench(f"wan2.1-t2v-1.3b (2 layers), video_attends_text {video_attends_text}", wan,
+              steps=3 if args.quick else 4, repeats=1 if args.quick else 3)
 
 
 if __name__ == "__main__":
