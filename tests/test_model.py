@@ -325,12 +325,37 @@ def test_video_that_does_not_attend_to_text_is_the_stock_video_and_text_reads_al
     assert trained.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("attention", ["shared", "own"])
-def test_a_video_context_gives_the_text_prediction_of_the_video_itself(attention):
+def test_text_that_reads_video_keys_of_its_own_starts_equal_and_trains_them_without_touching_the_video():
+    """`text_video_keys="text"`: the text reads the video tokens through `attn1_text`'s keys and values. From a
+    conversion (`attn1_text` a copy of `attn1`) it predicts what the video's keys give; its key projection
+    then changes the text prediction and gets a gradient from the video tokens' keys, and the video stays the
+    stock model's."""
+    x = inputs(formulation="discrete")
+    config = dict(text_attention="own", video_attends_text=False)
+    video_keys = unified("discrete", seed=5, **config)
+    text_keys = unified("discrete", seed=5, text_video_keys="text", **config)
+    text_keys.load_state_dict(video_keys.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(text_keys(**x).text_sample, video_keys(**x).text_sample, atol=1e-5, rtol=1e-5)
+        before = text_keys(**x)
+        text_keys.blocks[0].attn1_text.to_k.weight.add_(0.5)
+        after = text_keys(**x)
+    assert torch.equal(after.sample, before.sample)
+    assert not torch.allclose(after.text_sample, before.text_sample, atol=1e-3)
+    with pytest.raises(ValueError, match="needs text_attention='own' and video_attends_text=False"):
+        unified("discrete", text_attention="own", text_video_keys="text")
+
+
+@pytest.mark.parametrize("attention, video_keys", [("shared", "video"), ("own", "video"), ("own", "text")])
+def test_a_video_context_gives_the_text_prediction_of_the_video_itself(attention, video_keys):
     """A video that does not attend to the text, computed once (`video_context`), then text-only forwards:
     the text prediction of a forward with the video, for any text; a video that reads the text has none."""
     x = inputs(formulation="discrete")
-    one_way = unified("discrete", seed=5, text_attention=attention, video_attends_text=False)
+    one_way = unified("discrete", seed=5, text_attention=attention, video_attends_text=False,
+                      text_video_keys=video_keys)
+    if video_keys == "text":  # the text's keys of the video then differ from the video's own
+        with torch.no_grad():
+            one_way.blocks[0].attn1_text.to_k.weight.add_(0.5)
     video = {k: x[k] for k in ("hidden_states", "timestep", "encoder_hidden_states")}
     with torch.no_grad():
         context = one_way.video_context(**video)

@@ -51,6 +51,13 @@ def test_bad_overrides_give_one_line(override, message):
     assert "\n" not in str(info.value)
 
 
+def test_text_video_keys_of_its_own_need_own_attention_and_a_video_that_does_not_read_the_text():
+    assert load_recipe("world-tiny", ["text.video_keys=text"]).text.video_keys == "text"
+    for other in ("text.attention=shared", "text.video_attends_text=true"):
+        with pytest.raises(RecipeError, match="text.video_keys: text needs text.attention: own and"):
+            load_recipe("world-tiny", ["text.video_keys=text", other])
+
+
 def test_unknown_key_in_yaml_names_closest(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("name: x\nmodel:\n  transfomer:\n    num_layers: 2\n")

@@ -126,6 +126,8 @@ class TextSection:
     discrete_source: Literal["uniform", "mask"] = "uniform"
     attention: Literal["shared", "own"] = "shared"  # own: text tokens' own self-attention projections (README)
     video_attends_text: bool = True  # false: video tokens attend to video tokens only (README)
+    video_keys: Literal["video", "text"] = "video"  # text: the text reads video tokens through its own attn1_text
+                                                    # keys and values (needs attention: own, video_attends_text: false)
 
 
 @dataclass
@@ -285,6 +287,10 @@ def load_recipe(name_or_path: str | Path = "world-tiny", overrides: list[str] | 
     recipe = build(Recipe, data, "")
     for item in overrides or []:
         apply_override(recipe, item)
+    text = recipe.text
+    if text.video_keys == "text" and (text.attention != "own" or text.video_attends_text):
+        raise RecipeError("text.video_keys: text needs text.attention: own and text.video_attends_text: false "
+                          "(the video's queries keep the video's keys)")
     return recipe
 
 

@@ -53,6 +53,7 @@ def text_stream_config(recipe: Recipe, vocab_size: int) -> dict:
         text_max_length=text.max_length,
         text_attention=text.attention,
         video_attends_text=text.video_attends_text,
+        text_video_keys=text.video_keys,
     )
 
 

@@ -104,11 +104,13 @@ class _RotaryAfter:
 class _TextQueryView(_JointAttentionView):
     """The `_JointAttentionView` for the text tokens' queries only, over the keys and values of `[video ; text]`:
     diffusers' `WanAttnProcessor` runs it as a cross-attention, with the RoPE applied by the norms
-    (`_RotaryAfter`)."""
+    (`_RotaryAfter`). `text_keys_video`: the video tokens' keys and values come from `text`'s projections too."""
 
-    def __init__(self, video: WanAttention, text: WanAttention, num_video: int, rotary_emb):
+    def __init__(self, video: WanAttention, text: WanAttention, num_video: int, rotary_emb, text_keys_video=False):
         super().__init__(video, text, num_video)
         self.to_q, self.to_out = text.to_q, text.to_out
+        if text_keys_video:
+            self.to_k, self.to_v, self.norm_k = text.to_k, text.to_v, text.norm_k
         self.norm_q = _RotaryAfter(text.norm_q, tuple(r[:, num_video:] for r in rotary_emb), video.heads)
         self.norm_k = _RotaryAfter(self.norm_k, rotary_emb, video.heads)
 
@@ -118,12 +120,13 @@ class _TextAttnProcessor(WanAttnProcessor):
     (and hooked). Given `text` (the text tokens' `WanAttention`: `attn1` itself when shared) and `num_video`:
     self-attention of every token to every token (over the `_JointAttentionView` when the text has its own
     projections); with `encoder_hidden_states` (`[video ; text]`), the queries of `hidden_states`, the text
-    tokens, attend to it (`_TextQueryView`)."""
+    tokens, attend to it (`_TextQueryView`; `text_keys_video`: through `text`'s keys and values of the video
+    tokens too)."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
-                 text=None, num_video=0):
+                 text=None, num_video=0, text_keys_video=False):
         if encoder_hidden_states is not None and text is not None:
-            view = _TextQueryView(attn, text, num_video, rotary_emb)
+            view = _TextQueryView(attn, text, num_video, rotary_emb, text_keys_video)
             return super().__call__(view, hidden_states, encoder_hidden_states, attention_mask, None)
         if text is not None and text is not attn:
             attn = _JointAttentionView(attn, text, num_video)
@@ -133,15 +136,17 @@ class _TextAttnProcessor(WanAttnProcessor):
 class UniViGUTransformerBlock(WanTransformerBlock):
     """A Wan block with a second FFN, `ffn_text`, for text tokens, and with `text_attention="own"` the text
     tokens' own self-attention projections, `attn1_text`. `video_attends_text=False`: video tokens attend to
-    video tokens only (text tokens still attend to all)."""
+    video tokens only (text tokens still attend to all); `text_video_keys="text"` then has the text read the
+    video tokens through `attn1_text`'s keys and values."""
 
     def __init__(
         self, dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim, text_ffn_dim,
-        text_attention="shared", video_attends_text=True,
+        text_attention="shared", video_attends_text=True, text_video_keys="video",
     ):
         super().__init__(dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim)
         self.ffn_text = FeedForward(dim, inner_dim=text_ffn_dim, activation_fn="gelu-approximate")
         self.video_attends_text = video_attends_text
+        self.text_keys_video = text_video_keys == "text"
         if text_attention == "own":
             self.attn1_text = WanAttention(dim=dim, heads=num_heads, dim_head=dim // num_heads, eps=eps)
         self.attn1.set_processor(_TextAttnProcessor())
@@ -174,13 +179,14 @@ class UniViGUTransformerBlock(WanTransformerBlock):
         text = {"text": getattr(self, "attn1_text", self.attn1), "num_video": num_video}
         if video_tokens is not None:  # a video computed before (VideoContext): text queries over [it ; text]
             keys = torch.cat([video_tokens.type_as(norm_x[0]), norm_x[0]], dim=1)
-            attn_output = (self.attn1(norm_x[0], keys, None, rotary_emb, **text),)
+            attn_output = (self.attn1(norm_x[0], keys, None, rotary_emb, **text, text_keys_video=self.text_keys_video),)
         elif self.video_attends_text or hidden_states is None:
             attn_output = self.attn1(torch.cat(norm_x, dim=1), None, None, rotary_emb, **text).split(sizes, dim=1)
         else:  # the stock attention of the video tokens, then the text tokens' queries over [video ; text]
             video_rotary = tuple(r[:, : sizes[0]] for r in rotary_emb)
             attn_output = (self.attn1(norm_x[0], None, None, video_rotary),
-                           self.attn1(norm_x[1], torch.cat(norm_x, dim=1), None, rotary_emb, **text))
+                           self.attn1(norm_x[1], torch.cat(norm_x, dim=1), None, rotary_emb, **text,
+                                      text_keys_video=self.text_keys_video))
         xs = [(x.float() + a * m[2]).type_as(x) for x, a, m in zip(xs, attn_output, mods)]
 
         # 2. Shared cross-attention to the prompt, ungated, each stream on its own (the same per token; video
@@ -207,7 +213,9 @@ class UniViGUTransformer(WanTransformer3DModel):
     tokens project with their own `attn1_text`, a copy of `attn1` at the start, in the same joint attention,
     so training text need not change the video stream's projections; README); `video_attends_text` True (the
     paper: every token attends to every token) or False (video tokens attend to video tokens only, so the
-    video stream is the stock model's whatever the text; README).
+    video stream is the stock model's whatever the text; README); `text_video_keys` "video" (the text reads
+    the video tokens' keys and values as the video's own `attn1` projects them) or "text" (through the text's
+    `attn1_text`; needs "own" and video_attends_text False).
 
     Init: `time_embedder_text`, `time_proj_text`, `scale_shift_table_text` (and `ffn_text` at equal width)
     start as copies of their video counterparts; `text_out` starts at zero for both formulations, so the
@@ -254,11 +262,17 @@ class UniViGUTransformer(WanTransformer3DModel):
         text_max_length: int = 256,
         text_attention: Literal["shared", "own"] = "shared",
         video_attends_text: bool = True,
+        text_video_keys: Literal["video", "text"] = "video",
     ) -> None:
         if text_formulation not in ("embedding", "discrete"):
             raise ValueError(f"text_formulation must be 'embedding' or 'discrete', got {text_formulation!r}")
         if text_attention not in ("shared", "own"):
             raise ValueError(f"text_attention must be 'shared' or 'own', got {text_attention!r}")
+        if text_video_keys == "text" and (text_attention != "own" or video_attends_text):
+            raise ValueError("text_video_keys='text' needs text_attention='own' and video_attends_text=False: "
+                             "the text's own projections, and video keys that the video's queries do not share")
+        if text_video_keys not in ("video", "text"):
+            raise ValueError(f"text_video_keys must be 'video' or 'text', got {text_video_keys!r}")
         # The parent builds everything but the blocks, which are built once, here, as the subclass.
         super().__init__(
             patch_size=patch_size,
@@ -284,7 +298,7 @@ class UniViGUTransformer(WanTransformer3DModel):
         self.blocks = nn.ModuleList(
             UniViGUTransformerBlock(
                 dim, ffn_dim, num_attention_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim, text_ffn_dim,
-                text_attention, video_attends_text,
+                text_attention, video_attends_text, text_video_keys,
             )
             for _ in range(num_layers)
         )
