@@ -17,7 +17,8 @@ TINY = [
     "model.transformer.ffn_dim=128", "model.transformer.num_layers=2",
     "text.max_length=32", "text.latent_dim=16", "sampling.steps=4", "text.formulation=embedding",
     "flow.tau_sampling=uniform", "flow.corner_prob=0.0",
-    "text.video_attends_text=true",  # the paper's attention (world-tiny's video does not read the text)
+    "text.video_attends_text=true", "text.video_keys=video",  # the paper's attention (world-tiny's video does not
+                                                              # read the text, which reads it with its own keys)
     # fp32, so resume and multi-process runs compare exactly
     "train.base.mixed_precision=no", "train.recall.mixed_precision=no", "train.refine.mixed_precision=no",
     "train.recall.ema_decay=0", "train.refine.ema_decay=0",  # the trained weights themselves, unless a test asks

@@ -32,7 +32,7 @@ def test_sharding_divides_what_it_shards():
 
 
 def test_a_frozen_video_that_does_not_read_the_text_keeps_fewer_activations():
-    both = plan(load_recipe("world-tiny", ["text.video_attends_text=true"]), "refine")
+    both = plan(load_recipe("world-tiny", ["text.video_attends_text=true", "text.video_keys=video"]), "refine")
     one_way = plan(load_recipe("world-tiny", ["text.video_attends_text=false"]), "refine")
     full = plan(load_recipe("world-tiny", ["text.video_attends_text=false", "train.refine.trainable=full"]), "refine")
     assert one_way.activations < both.activations / 4 and full.activations == both.activations
