@@ -28,6 +28,7 @@ from vigu_cli.sampling import SamplingOptions, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle moving left", "a blue square staying still", "a green triangle moving up"]
+FLOAT32 = ("--dtype", "float32")  # what --dtype auto is on most CPUs, but not on one with AMX
 
 
 @pytest.fixture(scope="session")
@@ -111,7 +112,7 @@ def test_generate_writes_an_mp4_and_a_sidecar_per_prompt(vigu, model_dir, tmp_pa
 
 def test_caption_of_an_mp4_equals_pipeline_caption_on_the_same_tensor(vigu, model_dir, clip_path, tmp_path):
     run = vigu("caption", clip_path, "--model", model_dir, "--seed", "3", "--json", "--out", tmp_path / "cap",
-               "--dtype", "float32")  # as from_pretrained loads it (auto is bfloat16 on a CPU with AMX)
+               *FLOAT32)  # as from_pretrained loads it
     assert run.code == 0, run.stderr
     [record] = [json.loads(line) for line in run.lines]
     pipe = UniViGUPipeline.from_pretrained(model_dir, local_files_only=True)
@@ -192,17 +193,16 @@ def test_same_seed_same_output_whatever_the_batch(vigu, model_dir, tmp_path):
     """Sample i draws from its own generator (seed + i). Same batch: the same bits. Another batch: the
     same captions and frames up to rounding (BLAS picks other kernels for other matrix shapes, and the
     solver's 4 guided steps amplify the last bits at a few edge pixels: measured, under 1% of pixels more
-    than 2 levels off, a mean of 0.07 levels; float32, which auto is not on a CPU with AMX), where another seed
-    changes most pixels."""
-    videos, captions = joint_outputs(vigu, model_dir, tmp_path / "a", "--batch", "3", "--seed", "11", "--dtype", "float32")
-    again, again_captions = joint_outputs(vigu, model_dir, tmp_path / "b", "--batch", "3", "--seed", "11", "--dtype", "float32")
+    than 2 levels off, a mean of 0.07 levels; in float32), where another seed changes most pixels."""
+    videos, captions = joint_outputs(vigu, model_dir, tmp_path / "a", "--batch", "3", "--seed", "11", *FLOAT32)
+    again, again_captions = joint_outputs(vigu, model_dir, tmp_path / "b", "--batch", "3", "--seed", "11", *FLOAT32)
     assert captions == again_captions and all(np.array_equal(x, y) for x, y in zip(videos, again))
 
-    single, single_captions = joint_outputs(vigu, model_dir, tmp_path / "c", "--batch", "1", "--seed", "11", "--dtype", "float32")
+    single, single_captions = joint_outputs(vigu, model_dir, tmp_path / "c", "--batch", "1", "--seed", "11", *FLOAT32)
     assert single_captions == captions
     assert all(np.abs(x - y).mean() < 0.5 and np.mean(np.abs(x - y) > 2) < 0.02 for x, y in zip(videos, single))
 
-    other, other_captions = joint_outputs(vigu, model_dir, tmp_path / "d", "--batch", "3", "--seed", "12", "--dtype", "float32")
+    other, other_captions = joint_outputs(vigu, model_dir, tmp_path / "d", "--batch", "3", "--seed", "12", *FLOAT32)
     assert other_captions != captions and all(np.mean(x != y) > 0.5 for x, y in zip(videos, other))
 
 

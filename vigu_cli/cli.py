@@ -140,7 +140,8 @@ SAMPLING_OPTIONS = {  # name: (annotation, default); a command receives them as 
     "batch": (Annotated[int, typer.Option("--batch", "-b", help="Samples per solver call.")], 1),
     "device": (Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")], "auto"),
     "dtype": (Annotated[str, typer.Option(
-        "--dtype", help="auto (bfloat16 where it is fast: CUDA, a CPU with AMX or AVX512-BF16; else float32) | float32 | bfloat16 | float16")], "auto"),
+        "--dtype", help="auto (bfloat16 where it is fast: CUDA, a CPU with AMX or AVX512-BF16; else float32) | "
+        "float32 | bfloat16 | float16")], "auto"),
 }
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line (the sidecar) instead of plain text.")]
 
