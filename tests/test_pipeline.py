@@ -66,7 +66,10 @@ def test_convert_then_generate_equals_wan_and_exports_back(tiny_wan_vae_dir, tmp
 
 
 def test_save_load_round_trip_identical_for_all_three_modes(tiny_wan_dir, tmp_path):
-    """Test 7: save_pretrained -> from_pretrained (offline) gives identical outputs in every mode."""
+    """Test 7: save_pretrained -> from_pretrained (offline) gives the same weights, bit for bit, and the same
+    outputs in every mode: the same texts, and latents equal up to float rounding (on an AVX2 AMD EPYC the same
+    weights loaded from safetensors gave latents up to 3e-6 away from the in-memory ones, with the state dicts
+    equal: the kernels, not the weights; bit-equal on the Intel CPU with AMX of earlier sessions)."""
     pipe = load_pipeline(tiny_wan_dir, tiny_recipe())
     torch.manual_seed(1)  # make the text parameters non-trivial so the text stream says something
     for p in pipe.transformer.parameters():
@@ -85,9 +88,12 @@ def test_save_load_round_trip_identical_for_all_three_modes(tiny_wan_dir, tmp_pa
     pipe.save_pretrained(tmp_path / "saved")
     loaded = UniViGUPipeline.from_pretrained(tmp_path / "saved", local_files_only=True)
     after = run(loaded)
-    assert torch.equal(before[0], after[0])
+    saved, reloaded = pipe.transformer.state_dict(), loaded.transformer.state_dict()
+    assert saved.keys() == reloaded.keys() and all(torch.equal(saved[k], reloaded[k]) for k in saved)
+    torch.testing.assert_close(after[0], before[0], rtol=0, atol=1e-5)
     assert before[1] == after[1] and isinstance(before[1][0], str)
-    assert torch.equal(before[2].videos, after[2].videos) and before[2].texts == after[2].texts
+    torch.testing.assert_close(after[2].videos, before[2].videos, rtol=0, atol=1e-5)
+    assert before[2].texts == after[2].texts
     assert type(loaded.transformer).__name__ == "UniViGUTransformer"
 
 
