@@ -18,13 +18,11 @@ def fast_bfloat16(device: torch.device) -> bool:
     return any(probe() for probe in probes if probe is not None)
 
 
-def auto_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if fast_bfloat16(device) else torch.float32
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """A dtype option (`auto`, `float32`, `bfloat16`, `float16`) on `device`."""
-    return auto_dtype(device) if name == "auto" else getattr(torch, name)
+    if name == "auto":
+        return torch.bfloat16 if fast_bfloat16(device) else torch.float32
+    return getattr(torch, name)
 
 
 def default_device() -> torch.device:

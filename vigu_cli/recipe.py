@@ -344,8 +344,9 @@ def convert(hint: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return build(hint, value, where)
     if origin is Annotated:
-        value = convert(hint.__origin__, value, where)
-        for bounds in hint.__metadata__:
+        base, *ranges = typing.get_args(hint)
+        value = convert(base, value, where)
+        for bounds in ranges:
             if not bounds.low <= value <= bounds.high:
                 raise RecipeError(f"'{where}' must be between {bounds.low:g} and {bounds.high:g}, got {value!r}")
         return value

@@ -176,17 +176,17 @@ class UniViGUTransformerBlock(WanTransformerBlock):
         # and gated by its own timestep.
         norm_x = [(self.norm1(x.float()) * (1 + m[1]) + m[0]).type_as(x) for x, m in zip(xs, mods)]
         num_video = sum(sizes[:-1]) if video_tokens is None else video_tokens.shape[1]
-        text = {"text": getattr(self, "attn1_text", self.attn1), "num_video": num_video}
+        text = {"text": getattr(self, "attn1_text", self.attn1), "num_video": num_video,
+                "text_keys_video": self.text_keys_video}
         if video_tokens is not None:  # a video computed before (VideoContext): text queries over [it ; text]
             keys = torch.cat([video_tokens.type_as(norm_x[0]), norm_x[0]], dim=1)
-            attn_output = (self.attn1(norm_x[0], keys, None, rotary_emb, **text, text_keys_video=self.text_keys_video),)
+            attn_output = (self.attn1(norm_x[0], keys, None, rotary_emb, **text),)
         elif self.video_attends_text or hidden_states is None:
             attn_output = self.attn1(torch.cat(norm_x, dim=1), None, None, rotary_emb, **text).split(sizes, dim=1)
         else:  # the stock attention of the video tokens, then the text tokens' queries over [video ; text]
             video_rotary = tuple(r[:, : sizes[0]] for r in rotary_emb)
             attn_output = (self.attn1(norm_x[0], None, None, video_rotary),
-                           self.attn1(norm_x[1], torch.cat(norm_x, dim=1), None, rotary_emb, **text,
-                                      text_keys_video=self.text_keys_video))
+                           self.attn1(norm_x[1], torch.cat(norm_x, dim=1), None, rotary_emb, **text))
         xs = [(x.float() + a * m[2]).type_as(x) for x, a, m in zip(xs, attn_output, mods)]
 
         # 2. Shared cross-attention to the prompt, ungated, each stream on its own (the same per token; video
