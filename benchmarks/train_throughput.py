@@ -10,9 +10,10 @@ Measured in one run, on the same model, batch and steps (a world-tiny recall ste
   in the precision the step runs in;
 - `trainable: text` (eager, cached), with video tokens that attend to the text tokens (the paper) and with
   video tokens that do not (world-tiny's `text.video_attends_text: false`, read through the text's own keys):
-  the frozen video stream then needs no backward.
+  the frozen video stream then needs no backward, and `vigu train` stops it where the text has read it (no
+  video prediction or loss: `video_loss_trains`); the last row computes them anyway, as before that.
 
-The rows above the last two train every weight with the paper's attention.
+The rows above the last three train every weight with the paper's attention.
 
     PYTHONPATH=. python benchmarks/train_throughput.py [--steps 20] [--batch 8] [--threads 2] [--bf16]
 """
@@ -82,10 +83,11 @@ def run(args) -> None:
     m = recipe.model
     lines = [line for line in read_lines(work / "data" / MANIFEST) if line.status == "ok"]
 
-    def train_step(latents, ids, cond, step, forward, core):
+    def train_step(latents, ids, cond, step, forward, core, video_prediction):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             loss, _ = unified_objective(forward, flow, recipe.flow, latents.float(), ids, cond,
-                                        torch.Generator().manual_seed(step), core=core)
+                                        torch.Generator().manual_seed(step), core=core,
+                                        video_prediction=video_prediction)
         loss.backward()
         optimizers[core].step()
         optimizers[core].zero_grad()
@@ -107,19 +109,20 @@ def run(args) -> None:
                 yield pipe.encode_video(clips), pipe.text_ids(prompts), pipe.encode_condition(prompts, "cpu")
 
     results = {}
-    runs = (("cached", cached_batches(), model, model), ("on the fly", on_the_fly_batches(), model, model),
-            ("compiled", cached_batches(), torch.compile(model), model),
-            ("text, v<-t", cached_batches(), text_only[True], text_only[True]),
-            ("text, v-/-t", cached_batches(), text_only[False], text_only[False]))
-    for name, source, forward, core in runs:
+    runs = (("cached", cached_batches(), model, model, True), ("on the fly", on_the_fly_batches(), model, model, True),
+            ("compiled", cached_batches(), torch.compile(model), model, True),
+            ("text, v<-t", cached_batches(), text_only[True], text_only[True], True),
+            ("text, v-/-t", cached_batches(), text_only[False], text_only[False], False),
+            ("text, v-/-t, video predicted", cached_batches(), text_only[False], text_only[False], True))
+    for name, source, forward, core, video_prediction in runs:
         latents, ids, cond = next(source)
         start = time.perf_counter()
-        train_step(latents, ids, cond, 0, forward, core)  # warm-up (compiled: the compile)
+        train_step(latents, ids, cond, 0, forward, core, video_prediction)  # warm-up (compiled: the compile)
         first = time.perf_counter() - start
         start = time.perf_counter()
         for step in range(args.steps):
             latents, ids, cond = next(source)
-            train_step(latents, ids, cond, step + 1, forward, core)
+            train_step(latents, ids, cond, step + 1, forward, core, video_prediction)
         seconds = (time.perf_counter() - start) / args.steps
         video_tokens = math.prod(latents.shape[2:]) // math.prod(model.config.patch_size)
         results[name] = (seconds, video_tokens, ids.shape[1], cond.shape[1], first)
@@ -131,12 +134,13 @@ def run(args) -> None:
         tokens = args.batch * (video_tokens + text_tokens)
         flops = step_flops(model, args.batch, video_tokens, text_tokens, prompt_tokens)
         mfu = f"MFU {flops / seconds / peak:6.1%}" if name in ("cached", "on the fly", "compiled") else " " * 10
-        print(f"  {name:11s} {seconds:7.3f} s/step  {tokens / seconds:9.0f} tokens/s  {mfu}"
+        print(f"  {name:28s} {seconds:7.3f} s/step  {tokens / seconds:9.0f} tokens/s  {mfu}"
               f"  (first step {first:.1f} s)")
-    cached, fly, compiled, both, one = (results[k][0] for k in results)
+    cached, fly, compiled, both, one, predicted = (results[k][0] for k in results)
     print(f"  cached / on the fly speed-up: {fly / cached:.2f}x")
     print(f"  compiled / eager speed-up (cached): {cached / compiled:.2f}x")
     print(f"  trainable text, video not attending / attending to text: {both / one:.2f}x")
+    print(f"  trainable text, video not attending, stopped where the text read it / predicted: {predicted / one:.2f}x")
     print(f"  matmul peak ({'bf16' if args.bf16 else 'fp32'}, 2048^3, same run): {peak / 1e9:.0f} GFLOP/s")
 
 

@@ -369,3 +369,25 @@ def test_a_video_context_gives_the_text_prediction_of_the_video_itself(attention
             one_way(**x, video_context=context)
         with pytest.raises(ValueError, match="attends to the text"):
             unified("discrete", text_attention=attention).video_context(**video)
+
+
+@pytest.mark.parametrize("video_attends_text, video_keys", [(True, "video"), (False, "video"), (False, "text")])
+def test_without_the_video_prediction_the_text_prediction_and_its_gradients_are_the_same(video_attends_text, video_keys):
+    """`video_prediction=False` stops the video at the last block's attention input: no `sample`, the same
+    text prediction and the same gradients of every parameter the text prediction reaches."""
+    x = inputs(formulation="discrete")
+    model = unified("discrete", seed=6, text_attention="own", video_attends_text=video_attends_text,
+                    text_video_keys=video_keys)
+    outputs, grads = [], []
+    for video_prediction in (True, False):
+        model.zero_grad()
+        out = model(**x, video_prediction=video_prediction)
+        out.text_sample.float().square().mean().backward()
+        outputs.append(out)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert outputs[0].sample is not None and outputs[1].sample is None
+    torch.testing.assert_close(outputs[1].text_sample, outputs[0].text_sample, atol=1e-5, rtol=1e-5)
+    assert any(".attn1_text." in n for n in grads[1])
+    for name, param in model.named_parameters():  # a missing gradient is zero (the video queries' of the last block)
+        with_video, without = (g.get(name, torch.zeros_like(param)) for g in grads)
+        torch.testing.assert_close(without, with_video, atol=1e-5, rtol=1e-4)

@@ -158,3 +158,21 @@ def test_one_way_caption_computes_the_video_once_per_condition_and_generate_skip
     pipe.transformer.blocks[0].ffn_text.register_forward_hook(lambda *args: text_calls.append(1))
     pipe.generate(PROMPT, generator=torch.Generator().manual_seed(3), steps=2, output_type="latent")
     assert text_calls == []
+
+    # joint: the unconditional pass of the guided video runs without the unguided text, with the same result
+    def joint(uncondition_text):
+        video, text = Stream(pipe._noise_video(1, torch.Generator().manual_seed(4))), Stream(pipe._noise_text(1, torch.Generator().manual_seed(6)))
+        condition, uncondition = pipe.encode_condition([PROMPT], "cpu"), pipe.encode_condition([""], "cpu")
+        return FlowSolver(4)(pipe.model_fn, video, text, pipe.text_flow, condition, uncondition, guidance_video=4.0,
+                             generator=torch.Generator().manual_seed(5), uncondition_text=uncondition_text)
+
+    with_text, without = joint(True), joint(False)
+    assert torch.equal(with_text[0], without[0]) and torch.equal(with_text[1], without[1])
+    # and joint's video is generate's, bit for bit (what `vigu eval` relies on to run it once)
+    seeds = lambda: [torch.Generator().manual_seed(s) for s in (7, 8)]  # noqa: E731
+    prompts = [PROMPT, "a blue square staying still"]
+    generated = pipe.generate(prompts, generator=seeds(), steps=3, output_type="latent").videos
+    assert torch.equal(pipe.joint(prompts, generator=seeds(), steps=3, output_type="latent").videos, generated)
+    text_calls.clear()
+    pipe.joint(PROMPT, generator=torch.Generator().manual_seed(3), steps=2, guidance_video=4.0, output_type="latent")
+    assert len(text_calls) == 2  # the conditional pass of each step only

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from conftest import tiny_recipe
-from vigu_cli import cli
+from vigu_cli import cli, evaluate
 from vigu_cli.build_dataset import build_dataset
 from vigu_cli.core.convert import load_pipeline, save_folder
 from vigu_cli.core.pipeline import UniViGUPipeline
@@ -24,6 +24,7 @@ from vigu_cli.core.text import DiscreteTextFlow
 from vigu_cli.data import world
 from vigu_cli.data.video_io import frames_to_tensor, load_clip, read_video, write_video
 from vigu_cli.recipe import load_recipe
+from vigu_cli.run_eval import world_items
 from vigu_cli.sampling import SamplingOptions, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -319,6 +320,26 @@ def test_eval_prints_the_tables_writes_json_and_a_contact_sheet(vigu, model_dir,
     assert page.count("data:image/png;base64,") == 12  # 4 items x (caption, generate, joint)
     assert world.prompt_text(world.sample_clip(np.random.default_rng([0x5EED_E7A1, 0, 0]), 16, 16, 9)) in page
     assert Image.open(tmp_path / "sheet.png").size[1] > 12 * 96
+
+
+def test_eval_of_a_video_that_does_not_read_the_text_scores_generation_on_the_joint_videos(vigu, tiny_wan_dir, tmp_path):
+    """One-way video: `vigu eval` runs joint, not generate, and its generation score is that of the clips
+    `generate` makes with the same seeds."""
+    pipe = load_pipeline(tiny_wan_dir, tiny_recipe("text.video_attends_text=false"))
+    torch.manual_seed(1)
+    for p in pipe.transformer.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    folder = save_folder(pipe, tmp_path / "one-way")
+    run = vigu("eval", "--model", folder, "--items", "3", "--steps", "2", "--json", tmp_path / "eval.json", *FLOAT32)
+    assert run.code == 0, run.stderr
+    row = json.loads((tmp_path / "eval.json").read_text())["results"][0]
+    assert set(row["seconds_per_item"]) == {"caption", "joint"}
+    items = world_items(3, 0, 9, 16, 16, 8)
+    pipe = load_model(SamplingOptions(model=str(folder), dtype="float32"))
+    videos = pipe.generate([item.prompt for item in items], generator=[torch.Generator().manual_seed(i) for i in range(3)],
+                           steps=2).videos
+    measured = [world.measure_video(video) for video in videos]
+    assert row["generation"] == evaluate.prompt_following(measured, [item.prompt for item in items])
 
 
 def test_eval_on_a_built_dataset_scores_its_held_out_split(vigu, model_dir, tmp_path):

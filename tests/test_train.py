@@ -112,6 +112,21 @@ def test_trainable_text_changes_no_video_parameter(tiny_data, tmp_path):
     assert any(".ffn_text." in n for n in changed) and any(".attn1_text." in n for n in changed)  # text.attention: own
 
 
+def test_a_video_whose_loss_trains_nothing_is_not_predicted_and_the_text_trains_the_same(tiny_data, tmp_path, monkeypatch):
+    """`trainable: text` with a video that does not attend to the text: no video prediction or loss (it would
+    reach no trained parameter), and the same text weights and text losses as a run that computes them."""
+    one_way = ("train.recall.trainable=text", "train.recall.max_steps=3", "text.video_attends_text=false")
+    out = train(recipe_for(tiny_data, tmp_path / "skip", *one_way), "recall")
+    monkeypatch.setattr("vigu_cli.train.video_loss_trains", lambda model, stage: True)
+    full = train(recipe_for(tiny_data, tmp_path / "full", *one_way), "recall")
+    skipped, computed = metrics(out.parent / "metrics.jsonl"), metrics(full.parent / "metrics.jsonl")
+    assert all(m["loss_video"] is None for m in skipped) and all(m["loss_video"] > 0 for m in computed)
+    for a, b in zip(skipped, computed):
+        assert a["loss_text"] == pytest.approx(b["loss_text"], rel=1e-5)
+    for name, tensor in weights(out.parent).items():
+        torch.testing.assert_close(tensor, weights(full.parent)[name], atol=1e-5, rtol=1e-4)
+
+
 def test_text_learning_rate_sets_the_rate_of_the_new_text_parameters(tiny_data, tmp_path):
     """A text rate of 0 freezes exactly the new text parameters; the shared and video ones still move."""
     out = train(recipe_for(tiny_data, tmp_path, "train.recall.trainable=full", "train.recall.text_learning_rate=0",
@@ -154,9 +169,9 @@ def test_stage_semantics_targets_and_condition_dropout(tiny_data, monkeypatch, t
 
     real = train_module.unified_objective
 
-    def spy(model, text_flow, cfg, latents, ids, cond, generator, core=None, batch_slice=None):
+    def spy(model, text_flow, cfg, latents, ids, cond, generator, **options):
         seen.append((ids.clone(), cond.clone()))
-        return real(model, text_flow, cfg, latents, ids, cond, generator, core=core, batch_slice=batch_slice)
+        return real(model, text_flow, cfg, latents, ids, cond, generator, **options)
 
     monkeypatch.setattr(train_module, "unified_objective", spy)
     recall = recipe_for(tiny_data, tmp_path / "a", "train.recall.max_steps=2")

@@ -102,6 +102,13 @@ def configure_trainable(model, stage: StageSection) -> list[torch.nn.Parameter]:
     return params
 
 
+def video_loss_trains(model, stage: StageSection) -> bool:
+    """Whether the video loss reaches a trained parameter: a video or shared weight is trained, or the video
+    attends to the text whose parameters are. Where it does not (`trainable: text` with a video that does not
+    attend to the text), the step skips the video's prediction and loss: the same gradient, less work."""
+    return stage.trainable != "text" or model.config.video_attends_text
+
+
 def optimizer_groups(model, trained: list[torch.nn.Parameter], stage: StageSection) -> list[dict]:
     """AdamW parameter groups: with `text_learning_rate` set, the new text parameters form their own group
     at that rate (the scheduler scales both groups alike)."""
@@ -245,6 +252,7 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
         accelerator.register_for_checkpointing(ema)
     text_flow = pipe.text_flow
     empty = dataset.empty_prompt_embeds.to(accelerator.device)
+    video_prediction = video_loss_trains(core, stage)
 
     step = 0
     metrics_path = root / "metrics.jsonl"
@@ -280,7 +288,7 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
                 with accelerator.accumulate(model), accelerator.autocast():
                     loss, parts = unified_objective(
                         model, text_flow, recipe.flow, batch["latents"].float(), ids, cond, generator, core=core,
-                        batch_slice=(rank_start, global_batch),
+                        batch_slice=(rank_start, global_batch), video_prediction=video_prediction,
                     )
                     if not torch.isfinite(loss):
                         last = checkpoints(root)
@@ -347,10 +355,10 @@ def averaged(ema, params):
 def log_step(accelerator, parts, grad_norm, scheduler, step, seconds, batch, ids, global_batch) -> dict:
     """The step's metrics, averaged over processes."""
     values = torch.tensor([parts.get(k, float("nan")) for k in ("loss", "loss_video", "loss_text")], device=accelerator.device)
-    values = accelerator.reduce(values, reduction="mean").tolist()
+    loss, loss_video, loss_text = [None if math.isnan(v) else v for v in accelerator.reduce(values, reduction="mean").tolist()]
     latents = batch["latents"]
     tokens = global_batch * (math.prod(latents.shape[2:]) + (ids.shape[1] if ids is not None else 0))
-    record = {"step": step, "loss": values[0], "loss_video": values[1], "loss_text": values[2] if ids is not None else None,
+    record = {"step": step, "loss": loss, "loss_video": loss_video, "loss_text": loss_text,
               "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else None,
               "seconds_per_step": seconds, "tokens_per_s": tokens / max(seconds, 1e-9)}
     return record

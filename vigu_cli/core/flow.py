@@ -216,7 +216,11 @@ class FlowSolver:
         callback: Optional[Callable[[int, int], None]] = None,
         text_temperature: float = 1.0,
         text_order: str = "random",
+        uncondition_text: bool = True,
     ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """`uncondition_text=False`: an unguided text (`guidance_text` 1) is left out of the unconditional
+        pass, whose text prediction guidance would not use (for a video that does not read the text, the
+        same video prediction for less work)."""
         some = video.x if video is not None else text.x
         # each stream has its own timestep input, so each walks its own grid (the same steps, its shift)
         sigmas_v, timesteps_v = time_grid(self.steps, self.shift, device=some.device)
@@ -235,7 +239,8 @@ class FlowSolver:
             t_v, t_t = timestep_of(video, timesteps_v[i]), timestep_of(text, timesteps_t[i])
             pred_v, pred_t = model_fn(x_v, x_t, t_v, t_t, condition)
             if guided:
-                un_v, un_t = model_fn(x_v, x_t, t_v, t_t, uncondition)
+                with_text = uncondition_text or guidance_text > 1.0
+                un_v, un_t = model_fn(x_v, x_t if with_text else None, t_v, t_t if with_text else None, uncondition)
                 pred_v, pred_t = _guide(pred_v, un_v, guidance_video), _guide(pred_t, un_t, guidance_text)
             return pred_v, pred_t
 

@@ -169,12 +169,12 @@ class UniViGUTransformerBlock(WanTransformerBlock):
         streams = [(hidden_states, temb, self.ffn), (text_hidden_states, temb_text, self.ffn_text)]
         streams = [stream for stream in streams if stream[0] is not None]
         xs = [x for x, _, _ in streams]
-        mods = [(self.scale_shift_table + t.float()).chunk(6, dim=1) for _, t, _ in streams]
+        mods = [self._modulation(t) for _, t, _ in streams]
         sizes = [x.shape[1] for x in xs]
 
         # 1. Self-attention over [video ; text] (shared, or per-modality projections); each stream modulated
         # and gated by its own timestep.
-        norm_x = [(self.norm1(x.float()) * (1 + m[1]) + m[0]).type_as(x) for x, m in zip(xs, mods)]
+        norm_x = [self.attention_input(x, t) for x, t, _ in streams]
         num_video = sum(sizes[:-1]) if video_tokens is None else video_tokens.shape[1]
         text = {"text": getattr(self, "attn1_text", self.attn1), "num_video": num_video,
                 "text_keys_video": self.text_keys_video}
@@ -200,6 +200,15 @@ class UniViGUTransformerBlock(WanTransformerBlock):
             norm_x = (self.norm3(x.float()) * (1 + m[4]) + m[3]).type_as(x)
             out.append((x.float() + ffn(norm_x).float() * m[5]).type_as(x))
         return (out[0] if hidden_states is not None else None), out[-1]
+
+    def _modulation(self, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self.scale_shift_table + temb.float()).chunk(6, dim=1)
+
+    def attention_input(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """The tokens `x` as this block's self-attention takes them: normalised and modulated by their
+        stream's timestep projection `temb` `[B, 6, D]` (what a `VideoContext` keeps of a video)."""
+        shift, scale = self._modulation(temb)[:2]
+        return (self.norm1(x.float()) * (1 + scale) + shift).type_as(x)
 
 
 class UniViGUTransformer(WanTransformer3DModel):
@@ -375,11 +384,14 @@ class UniViGUTransformer(WanTransformer3DModel):
         return_dict: bool = True,
         attention_kwargs: dict[str, Any] | None = None,
         video_context: VideoContext | None = None,
+        video_prediction: bool = True,
     ) -> UniViGUTransformerOutput | tuple[torch.Tensor | None, torch.Tensor | None]:
         """Video `[B, C, F, H, W]` with `timestep` `[B]`; text `[B, L, d_t]` float (embedding) or `[B, L]`
         ids (discrete) with `timestep_text` `[B]`; either stream may be None. Diffusers time: 0..1000,
         1000 = noise; both predictions are `noise - data` (text logits for discrete). `video_context` (from
-        `video_context()`, with no `hidden_states`): the text reads that video, as if it were given."""
+        `video_context()`, with no `hidden_states`): the text reads that video, as if it were given.
+        `video_prediction=False` (with text): the video runs only as far as the text reads it (the last
+        block's attention input) and `sample` is None; the text's prediction is the same."""
         if text_states is None:
             sample = super().forward(
                 hidden_states,
@@ -393,7 +405,7 @@ class UniViGUTransformer(WanTransformer3DModel):
         else:
             sample, text_sample = self._joint_forward(
                 hidden_states, timestep, encoder_hidden_states, text_states, timestep_text, encoder_hidden_states_image,
-                video_context,
+                video_context, video_prediction,
             )
         if not return_dict:
             return sample, text_sample
@@ -419,7 +431,7 @@ class UniViGUTransformer(WanTransformer3DModel):
         return VideoContext(tokens, self.rope(hidden_states))
 
     def _joint_forward(self, hidden_states, timestep, encoder_hidden_states, text_states, timestep_text, image,
-                       video_context=None):
+                       video_context=None, video_prediction=True):
         prompt = encoder_hidden_states
         text = self.text_in(text_states)
         rotary = [self._text_rotary_emb(text.shape[1], text.device)]
@@ -449,7 +461,9 @@ class UniViGUTransformer(WanTransformer3DModel):
         timestep_proj_text = self.time_proj_text(self.condition_embedder.act_fn(temb_text)).unflatten(1, (6, -1))
 
         cached = video_context.tokens if video_context is not None else [None] * len(self.blocks)
-        for block, video_tokens in zip(self.blocks, cached):
+        for index, (block, video_tokens) in enumerate(zip(self.blocks, cached)):
+            if video is not None and not video_prediction and index == len(self.blocks) - 1:
+                video_tokens, video = block.attention_input(video, timestep_proj), None  # only the text reads it
             args = (video, encoder_hidden_states, timestep_proj, rotary_emb, text, timestep_proj_text, video_tokens)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 video, text = self._gradient_checkpointing_func(block, *args)

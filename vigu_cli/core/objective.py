@@ -23,6 +23,7 @@ def unified_objective(
     generator: Optional[torch.Generator] = None,
     core=None,
     batch_slice: Optional[tuple[int, int]] = None,
+    video_prediction: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Noise both streams at independent sigmas, predict, and return the unified loss and its parts.
 
@@ -30,6 +31,8 @@ def unified_objective(
     `UniViGUTransformer` the text flow reads its token table from (default: `model`). A stream that is
     None is absent (stage `base` trains video alone). `batch_slice = (start, total)`: this process's rows
     of the global batch, so every random draw equals one process's with the whole batch (`flow.draw`).
+    `video_prediction=False` (with text): the noisy video runs only as far as the text reads it and has no
+    loss: the same text gradient for less work, where the video loss would reach no trained parameter.
     """
     core = model if core is None else core
     some = video_latents if video_latents is not None else text_ids
@@ -54,8 +57,9 @@ def unified_objective(
         text_states=x_t,
         timestep_text=sigma_to_timestep(sigma_t) if x_t is not None else None,
         return_dict=True,
+        video_prediction=video_prediction,
     )
-    video_loss = per_sample_mse(out.sample, target_v) if x_v is not None else None
+    video_loss = per_sample_mse(out.sample, target_v) if out.sample is not None else None
     text_loss = text_flow.loss(core, out.text_sample, sample, text_ids, sigma_t) if x_t is not None else None
     num_video = math.prod(video_latents.shape[2:]) // math.prod(core.config.patch_size) if x_v is not None else 0
     num_text = text_ids.shape[1] if x_t is not None else 0

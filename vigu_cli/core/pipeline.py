@@ -215,9 +215,12 @@ class UniViGUPipeline(WanPipeline):
         guided = s["guidance_video"] > 1.0 or s["guidance_text"] > 1.0
         uncondition = self.encode_condition([""] * len(prompts), device) if guided and any(prompts) else None
         solver = FlowSolver(s["steps"], s["solver"], s["shift"], s["text_shift"])
+        # a video that flows and does not read the text predicts the same without it
+        one_way = video is not None and not video.frozen and not self.transformer.config.video_attends_text
         return solver(
             model_fn or self.model_fn, video, text, self.text_flow, condition, uncondition,
             s["guidance_video"], s["guidance_text"], generator, callback, s["text_temperature"], s["text_order"],
+            uncondition_text=not one_way,
         )
 
     def _noise_video(self, batch: int, generator, height=None, width=None, num_frames=None) -> torch.Tensor:
