@@ -7,7 +7,8 @@ For each architecture, in one run on the same shapes, after a warm-up, interleav
                       `video_attends_text: false` the video is computed once and each step runs the text alone)
   generate            `UniViGUPipeline.generate` (the prompt frozen in the text stream, none where the video
                       does not attend to the text; guidance: two forwards)
-  joint               `UniViGUPipeline.joint` (both streams flow; guidance: two forwards)
+  joint               `UniViGUPipeline.joint` (both streams flow; guidance: two forwards, the unconditional
+                      one without the unguided text where the video does not attend to the text)
 A step's time is the interval between two of the pipeline's step callbacks (prompt encoding, the VAE
 and the first step are left out); the headline is the median over steps and repeats, `min` the least
 disturbed step on a shared machine; ratio = mode step / stock step. `FLOP-expected` is that ratio
@@ -21,7 +22,7 @@ Architectures (random weights: timing does not depend on them; the recipe's samp
                       for the real ones, which no step calls; the paper's attention (the Wan recipes'), then
                       with `text.video_attends_text: false`.
 
-    PYTHONPATH=. python benchmarks/sampling.py [--quick] [--threads 1]
+    PYTHONPATH=. python benchmarks/sampling.py [--quick] [--threads 1] [--world-only]
 """
 
 from __future__ import annotations
@@ -105,10 +106,11 @@ def bench(name: str, pipe, steps: int, repeats: int) -> None:
     sizes = (video_tokens, cfg.text_max_length, cfg.prompt_max_length, arch.text_latent_dim)
     video_only, with_text = matmul_flops(dict(arch), sizes[0], 0, *sizes[2:]), matmul_flops(dict(arch), *sizes)
     guided = 2 if max(guidance, cfg.guidance_text) > 1 else 1
-    stock_step, joint_step = 2 * video_only, guided * with_text
     one_way = not arch.video_attends_text  # caption then runs the text alone, generate no text stream
+    unconditional = 0 if guided == 1 else video_only if one_way and cfg.guidance_text <= 1 else with_text
+    stock_step, joint_step = 2 * video_only, with_text + unconditional
     caption_step = text_only_flops(dict(arch), *sizes) if one_way else with_text
-    generate_step = guided * video_only if one_way else joint_step
+    generate_step = guided * (video_only if one_way else with_text)
     expected = {"stock Wan T2V step (CFG)": 1.0, "caption": caption_step / stock_step,
                 "generate": generate_step / stock_step, "joint": joint_step / stock_step}
     stock_median, stock_min = statistics.median(times["stock Wan T2V step (CFG)"]), min(times["stock Wan T2V step (CFG)"])
@@ -123,6 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer steps, repeats and tokens")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steadier timings)")
+    parser.add_argument("--world-only", action="store_true", help="world-tiny alone (the 1.3B rows take minutes)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     quiet_libraries()
@@ -130,6 +133,8 @@ def main() -> None:
 
     bench("world-tiny", pipeline_from_recipe(load_recipe("world-tiny")), steps=6 if args.quick else 12,
           repeats=2 if args.quick else 5)
+    if args.world_only:
+        return
     canvas = ["model.height=128", "model.width=256", "text.max_length=64"] if args.quick else [
         "model.height=256", "model.width=256", "text.max_length=128"]
     paper = ["text.video_attends_text=true", "text.video_keys=video"]  # the Wan recipes' attention
