@@ -109,7 +109,8 @@ def run(args) -> None:
                 yield pipe.encode_video(clips), pipe.text_ids(prompts), pipe.encode_condition(prompts, "cpu")
 
     results = {}
-    runs = (("cached", cached_batches(), model, model, True), ("on the fly", on_the_fly_batches(), model, model, True),
+    runs = (("cached", cached_batches(), model, model, True),
+            ("on the fly", on_the_fly_batches(), model, model, True),
             ("compiled", cached_batches(), torch.compile(model), model, True),
             ("text, v<-t", cached_batches(), text_only[True], text_only[True], True),
             ("text, v-/-t", cached_batches(), text_only[False], text_only[False], False),

@@ -388,6 +388,6 @@ def test_without_the_video_prediction_the_text_prediction_and_its_gradients_are_
     assert outputs[0].sample is not None and outputs[1].sample is None
     torch.testing.assert_close(outputs[1].text_sample, outputs[0].text_sample, atol=1e-5, rtol=1e-5)
     assert any(".attn1_text." in n for n in grads[1])
-    for name, param in model.named_parameters():  # a missing gradient is zero (the video queries' of the last block)
+    for name, param in model.named_parameters():  # missing is zero: the last block's video queries, unused by the text
         with_video, without = (g.get(name, torch.zeros_like(param)) for g in grads)
         torch.testing.assert_close(without, with_video, atol=1e-5, rtol=1e-4)

@@ -161,7 +161,8 @@ def test_one_way_caption_computes_the_video_once_per_condition_and_generate_skip
 
     # joint: the unconditional pass of the guided video runs without the unguided text, with the same result
     def joint(uncondition_text):
-        video, text = Stream(pipe._noise_video(1, torch.Generator().manual_seed(4))), Stream(pipe._noise_text(1, torch.Generator().manual_seed(6)))
+        video = Stream(pipe._noise_video(1, torch.Generator().manual_seed(4)))
+        text = Stream(pipe._noise_text(1, torch.Generator().manual_seed(6)))
         condition, uncondition = pipe.encode_condition([PROMPT], "cpu"), pipe.encode_condition([""], "cpu")
         return FlowSolver(4)(pipe.model_fn, video, text, pipe.text_flow, condition, uncondition, guidance_video=4.0,
                              generator=torch.Generator().manual_seed(5), uncondition_text=uncondition_text)
