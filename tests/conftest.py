@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from vigu_cli.core.components import build_wan_pipeline
+from vigu_cli.core.convert import load_pipeline
 from vigu_cli.recipe import load_recipe
 
 torch.set_num_threads(1)
@@ -33,6 +34,16 @@ TINY_WAN_VAE = TINY + [
 
 def tiny_recipe(*extra, base=TINY):
     return load_recipe("world-tiny", [*base, *extra])
+
+
+def nudged_pipeline(wan_dir, *extra):
+    """The tiny Wan folder converted with `tiny_recipe(*extra)`, every weight nudged off its init (seed 1), so
+    that the text stream, whose head starts at zero, says something."""
+    pipe = load_pipeline(wan_dir, tiny_recipe(*extra))
+    torch.manual_seed(1)
+    for p in pipe.transformer.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    return pipe
 
 
 @pytest.fixture(scope="session")

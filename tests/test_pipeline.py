@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from diffusers import WanPipeline, WanTransformer3DModel
 
-from conftest import tiny_recipe
+from conftest import nudged_pipeline, tiny_recipe
 from vigu_cli.core.convert import convert_folder, load_pipeline, vigu_from_wan
 from vigu_cli.core.flow import FlowSolver, Stream
 from vigu_cli.core.objective import unified_objective
@@ -70,10 +70,7 @@ def test_save_load_round_trip_identical_for_all_three_modes(tiny_wan_dir, tmp_pa
     outputs in every mode: the same texts, and latents equal up to float rounding (on an AVX2 AMD EPYC the same
     weights loaded from safetensors gave latents up to 3e-6 away from the in-memory ones, with the state dicts
     equal: the kernels, not the weights; bit-equal on the Intel CPU with AMX of earlier sessions)."""
-    pipe = load_pipeline(tiny_wan_dir, tiny_recipe())
-    torch.manual_seed(1)  # make the text parameters non-trivial so the text stream says something
-    for p in pipe.transformer.parameters():
-        p.data.add_(0.05 * torch.randn_like(p))
+    pipe = nudged_pipeline(tiny_wan_dir)
     clip = frames_to_tensor(world.render(world.sample_clip(np.random.default_rng(0), 16, 16, 9)))[None]
 
     def run(p):
@@ -135,10 +132,7 @@ def test_one_way_caption_computes_the_video_once_per_condition_and_generate_skip
     """With a video that does not attend to the text: `caption` runs the video through the blocks once per
     condition (hint and empty prompt under guidance), not at every step, and says what the step-by-step
     solve says; `generate` runs no text stream (the video could not read it)."""
-    pipe = load_pipeline(tiny_wan_dir, tiny_recipe("text.video_attends_text=false", "text.formulation=discrete"))
-    torch.manual_seed(1)
-    for p in pipe.transformer.parameters():
-        p.data.add_(0.05 * torch.randn_like(p))
+    pipe = nudged_pipeline(tiny_wan_dir, "text.video_attends_text=false", "text.formulation=discrete")
     clip = frames_to_tensor(world.render(world.sample_clip(np.random.default_rng(0), 16, 16, 9)))[None]
     ffn_calls = []
     pipe.transformer.blocks[0].ffn.register_forward_hook(lambda *args: ffn_calls.append(1))

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_recipe
+from conftest import nudged_pipeline, tiny_recipe
 from vigu_cli import cli, evaluate
 from vigu_cli.build_dataset import build_dataset
 from vigu_cli.core.convert import load_pipeline, save_folder
@@ -35,11 +35,7 @@ FLOAT32 = ("--dtype", "float32")  # what --dtype auto is on most CPUs, but not o
 @pytest.fixture(scope="session")
 def model_dir(tiny_wan_dir, tmp_path_factory):
     """A tiny vigu folder whose weights are nudged off their init, so that the text stream says something."""
-    pipe = load_pipeline(tiny_wan_dir, tiny_recipe())
-    torch.manual_seed(1)
-    for p in pipe.transformer.parameters():
-        p.data.add_(0.05 * torch.randn_like(p))
-    return save_folder(pipe, tmp_path_factory.mktemp("model") / "vigu")
+    return save_folder(nudged_pipeline(tiny_wan_dir), tmp_path_factory.mktemp("model") / "vigu")
 
 
 @pytest.fixture(scope="session")
@@ -131,10 +127,7 @@ def test_caption_of_an_mp4_equals_pipeline_caption_on_the_same_tensor(vigu, mode
 
 
 def test_text_sampling_options_reach_the_discrete_solver(vigu, tiny_wan_dir, clip_path, tmp_path):
-    pipe = load_pipeline(tiny_wan_dir, tiny_recipe("text.formulation=discrete"))
-    torch.manual_seed(1)
-    for p in pipe.transformer.parameters():
-        p.data.add_(0.05 * torch.randn_like(p))
+    pipe = nudged_pipeline(tiny_wan_dir, "text.formulation=discrete")
     model = save_folder(pipe, tmp_path / "discrete")
     clip = frames_to_tensor(load_clip(clip_path, 9, 16, 16))[None]
     captions = {}
@@ -325,11 +318,7 @@ def test_eval_prints_the_tables_writes_json_and_a_contact_sheet(vigu, model_dir,
 def test_eval_of_a_video_that_does_not_read_the_text_scores_generation_on_the_joint_videos(vigu, tiny_wan_dir, tmp_path):
     """One-way video: `vigu eval` runs joint, not generate, and its generation score is that of the clips
     `generate` makes with the same seeds."""
-    pipe = load_pipeline(tiny_wan_dir, tiny_recipe("text.video_attends_text=false"))
-    torch.manual_seed(1)
-    for p in pipe.transformer.parameters():
-        p.data.add_(0.05 * torch.randn_like(p))
-    folder = save_folder(pipe, tmp_path / "one-way")
+    folder = save_folder(nudged_pipeline(tiny_wan_dir, "text.video_attends_text=false"), tmp_path / "one-way")
     run = vigu("eval", "--model", folder, "--items", "3", "--steps", "2", "--json", tmp_path / "eval.json", *FLOAT32)
     assert run.code == 0, run.stderr
     row = json.loads((tmp_path / "eval.json").read_text())["results"][0]
