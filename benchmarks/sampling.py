@@ -42,7 +42,7 @@ from vigu_cli.sampling import quiet_libraries
 PROMPT = "a red circle moving left"
 
 WAN_13B_AT_2_LAYERS = [  # the 1.3B transformer (wan2.1-t2v-1.3b.yaml) with world stand-ins for umT5 and the VAE
-    "model.transformer.patch_size=[1,2,2]", "model.transformer.num_attention_heads=12",
+    "model.base=world", "model.transformer.patch_size=[1,2,2]", "model.transformer.num_attention_heads=12",
     "model.transformer.attention_head_dim=128", "model.transformer.in_channels=16",
     "model.transformer.out_channels=16", "model.transformer.text_dim=4096", "model.transformer.freq_dim=256",
     "model.transformer.ffn_dim=8960", "model.transformer.num_layers=2",

@@ -1,16 +1,18 @@
 """UniViGUPipeline, convert and the unified objective, on tiny stock Wan folders (tests/conftest.py)."""
 
 import numpy as np
+import pytest
 import torch
 from diffusers import WanPipeline, WanTransformer3DModel
 
 from conftest import nudged_pipeline, tiny_recipe
-from vigu_cli.core.convert import convert_folder, load_pipeline, vigu_from_wan
+from vigu_cli.core.convert import convert_folder, load_pipeline, pipeline_from_recipe, vigu_from_wan
 from vigu_cli.core.flow import FlowSolver, Stream
 from vigu_cli.core.objective import unified_objective
 from vigu_cli.core.pipeline import UniViGUPipeline
 from vigu_cli.data import world
 from vigu_cli.data.video_io import frames_to_tensor
+from vigu_cli.errors import VigUError
 
 PROMPT = "a red circle moving left"
 SAMPLING = dict(steps=4, shift=3.0, guidance=4.0)
@@ -63,6 +65,14 @@ def test_convert_then_generate_equals_wan_and_exports_back(tiny_wan_vae_dir, tmp
     exported = WanPipeline.from_pretrained(tmp_path / "wan-again", local_files_only=True)
     again = wan_latents(exported)
     assert torch.equal(again, expected)
+
+
+def test_a_recipe_that_does_not_describe_its_model_folder_is_one_clear_error(tiny_wan_dir):
+    """The folder's config is what loads, so a recipe whose model.transformer says otherwise (an architecture
+    override meant for a model built from scratch) stops instead of describing another model."""
+    assert pipeline_from_recipe(tiny_recipe(f"model.base={tiny_wan_dir}")).transformer.config.num_layers == 2
+    with pytest.raises(VigUError, match=r"num_layers is 2 there, 3 in the recipe\).*set model.base=world"):
+        pipeline_from_recipe(tiny_recipe(f"model.base={tiny_wan_dir}", "model.transformer.num_layers=3"))
 
 
 def test_save_load_round_trip_identical_for_all_three_modes(tiny_wan_dir, tmp_path):

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import WanPipeline, WanTransformer3DModel
 from diffusers.utils import logging as diffusers_logging
@@ -181,7 +182,23 @@ def pipeline_from_recipe(recipe: Recipe, **load_kwargs) -> UniViGUPipeline:
     folder = base_folder(recipe.model)
     if folder is None:
         return vigu_from_wan(build_wan_pipeline(recipe, seed=0), recipe)
-    return load_pipeline(folder, recipe, **load_kwargs)
+    pipe = load_pipeline(folder, recipe, **load_kwargs)
+    if pipe.transformer is not None:
+        check_architecture(recipe, folder, pipe.transformer.config)
+    return pipe
+
+
+def check_architecture(recipe: Recipe, folder: Path, config) -> None:
+    """The recipe's `model.transformer` describes the folder it names: a folder's own config is what loads, so
+    a recipe that says otherwise (an override meant for a model built from scratch, the wrong recipe for a
+    checkpoint) would leave its memory estimates and benchmarks describing another model."""
+    differ = [f"{key} is {config[key]} there, {value} in the recipe" for key, value in vars(recipe.model.transformer).items()
+              if key in config and list(np.atleast_1d(config[key])) != list(np.atleast_1d(value))]
+    if differ:
+        raise VigUError(
+            f"the model in {folder} is not the one recipe '{recipe.name}' describes ({'; '.join(differ)}): make "
+            "model.transformer match the folder, or set model.base=world to build the recipe's model from scratch"
+        )
 
 
 def save_folder(pipeline, out_dir: str | Path) -> Path:
