@@ -331,6 +331,24 @@ def test_eval_of_a_video_that_does_not_read_the_text_scores_generation_on_the_jo
     assert row["generation"] == evaluate.prompt_following(measured, [item.prompt for item in items])
 
 
+def test_eval_with_hint_scores_the_captions_conditioned_on_each_prompt(vigu, model_dir, tmp_path):
+    run = vigu("eval", "--model", model_dir, "--items", "3", "--steps", "2", "--hint", "--json", tmp_path / "eval.json",
+               "--sheet", tmp_path / "sheet.html", *FLOAT32)
+    assert run.code == 0, run.stderr
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["caption_hint"] == "prompt" and "captions hinted by the prompt" in run.stdout
+    items = world_items(3, 0, 9, 16, 16, 8)
+    pipe = load_model(SamplingOptions(model=str(model_dir), dtype="float32"))
+    clips = torch.stack([frames_to_tensor(item.load()) for item in items])
+    seeds = lambda: [torch.Generator().manual_seed(i) for i in range(3)]  # noqa: E731  (eval: sample i, seed 0 + i)
+    hinted = pipe.caption(clips, [item.prompt for item in items], generator=seeds(), steps=2).texts
+    alone = pipe.caption(clips, generator=seeds(), steps=2).texts
+    page = (tmp_path / "sheet.html").read_text()  # the sheet shows each caption eval made
+    assert all(f"caption: {text}<" in page for text in hinted)
+    assert any(f"caption: {text}<" not in page for text in alone)  # the hint conditions the captions
+    assert report["results"][0]["caption"] == evaluate.caption_accuracy(hinted, [item.truth for item in items])
+
+
 def test_eval_on_a_built_dataset_scores_its_held_out_split(vigu, model_dir, tmp_path):
     data = tmp_path / "data"
     build_dataset(tiny_recipe(f"data.out={data}", "data.num_items=8", "data.shard_size=8", "data.val_every=4"))

@@ -238,12 +238,14 @@ def evaluate(
         "--steps", help="Solver steps, or a list (5,10,25,50) for the accuracy-vs-steps curve (default: the model's).")] = None,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the report to this JSON file.")] = None,
     sheet: Annotated[Optional[str], typer.Option("--sheet", help="Write a contact sheet, PATH.html and PATH.png.")] = None,
+    hint: Annotated[bool, typer.Option(
+        "--hint", help="Caption each clip with its prompt as the hint (paper stage 2; default: the video alone).")] = False,
 ) -> None:
     """Score a model: captioning, prompt following, joint coherence, BLEU-4 / ROUGE-L / CIDEr."""
     from .data.manifest import write_json
     from .run_eval import parse_steps, run_eval, tables
 
-    report = run_eval(options, data, items, parse_steps(steps), console, sheet)
+    report = run_eval(options, data, items, parse_steps(steps), console, sheet, hint)
     if json_out is not None:
         write_json(json_out, report)
     for table in tables(report):

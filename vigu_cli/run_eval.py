@@ -7,8 +7,8 @@ Sets:
 - a built dataset (`--data DIR`): its held-out split (all its items when it has none), each clip
   fitted to the model's shape, its caption the reference; the first `--items` of them.
 
-Per step count: captions of the clips (no hint: understanding from the video alone), a clip per
-prompt, a joint clip and caption per prompt. Scores: caption accuracy per attribute, macro and hidden
+Per step count: captions of the clips (no hint: understanding from the video alone; `--hint`: each
+conditioned on its prompt, the paper's stage-2 setting), a clip per prompt, a joint clip and caption per prompt. Scores: caption accuracy per attribute, macro and hidden
 (where the references are world captions, which the world's parser reads back to the truth);
 generation prompt following and joint coherence (where the prompts follow the world's grammar);
 BLEU-4, ROUGE-L and CIDEr of the captions against the references (always). Videos are measured as
@@ -111,22 +111,23 @@ def eval_set(pipe, data: Optional[str], count: Optional[int], seed: int) -> tupl
 
 def run_eval(
     options: SamplingOptions, data: Optional[str], count: Optional[int], steps: list[Optional[int]], console: Console,
-    sheet: Optional[str] = None,
+    sheet: Optional[str] = None, hint: bool = False,
 ) -> dict:
     """Sample and score every mode at each step count; returns the report (what `--json` writes). The
-    seed draws both the world set and the noise (sample i: seed + i)."""
+    seed draws both the world set and the noise (sample i: seed + i). `hint`: captions conditioned on the
+    items' prompts."""
     pipe = load_model(options)
     items, source = eval_set(pipe, data, count, options.seed)
     prompts, references = [item.prompt for item in items], [item.references for item in items]
     judged = all(item.truth is not None for item in items)
     prompted = all(None not in world.parse_prompt(p).values() for p in prompts)
-    if prompted:
+    if prompted or hint:
         check_vocabulary(pipe, prompts)
     settings = {k: v for k, v in pipe.sampling_settings(**options.overrides()).items() if k != "steps"}
     report = {"model": options.model, "set": source,
               "sampling": {**settings, "seed": options.seed, "batch": options.batch, "device": str(pipe.device),
                            "dtype": str(pipe.transformer.dtype).removeprefix("torch.")},
-              "results": []}
+              "caption_hint": "prompt" if hint else None, "results": []}
     clips = lambda start, stop: torch.stack([frames_to_tensor(item.load()) for item in items[start:stop]])  # noqa: E731
     # a video that does not read the text: joint's videos are generate's, bit for bit on the same seeds (a
     # test), so the joint run scores generation too
@@ -137,7 +138,8 @@ def run_eval(
             run = dataclasses.replace(options, steps=step_count)
             row, outputs = {"steps": pipe.sampling_settings(**run.overrides())["steps"]}, {}
             for mode in modes:
-                call = batch_call(pipe, mode, run.overrides(), prompts, clips)
+                given = prompts if mode != "caption" or hint else None  # caption's prompts are its hints
+                call = batch_call(pipe, mode, run.overrides(), given, clips)
                 label = f"{mode} · {row['steps']} steps"
                 began = time.perf_counter()
                 outputs[mode] = collect(sample_batches(pipe, run, len(items), call, progress, label))
@@ -181,7 +183,9 @@ def sheet_rows(items: list[EvalItem], outputs: dict) -> list[SheetRow]:
 
 def sheet_title(report: dict) -> str:
     last = report["results"][-1]
-    return f"vigu eval: {report['model']} on {report['set']['items']} items ({report['set']['source']}), {last['steps']} steps"
+    hinted = ", captions hinted by the prompt" if report["caption_hint"] else ""
+    return (f"vigu eval: {report['model']} on {report['set']['items']} items ({report['set']['source']}), "
+            f"{last['steps']} steps{hinted}")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -222,11 +222,14 @@ BatchCall = Callable[[int, int, list, Callable[[int, int], None]], UniViGUPipeli
 def batch_call(pipe: UniViGUPipeline, mode: str, overrides: dict, prompts: Optional[list[str]] = None,
                clips: Optional[Callable[[int, int], torch.Tensor]] = None, **mode_options) -> BatchCall:
     """A mode's pipeline call on inputs start..stop-1: `prompts[start:stop]` (generate, joint) or
-    `clips(start, stop)`, a `[B, 3, F, H, W]` batch (caption)."""
+    `clips(start, stop)`, a `[B, 3, F, H, W]` batch (caption, with `prompts[start:stop]` as hints if given)."""
 
     def call(start, stop, generators, callback):
-        given = clips(start, stop) if mode == "caption" else prompts[start:stop]
-        return getattr(pipe, mode)(given, generator=generators, callback=callback, **overrides, **mode_options)
+        texts = None if prompts is None else prompts[start:stop]
+        if mode == "caption":
+            return pipe.caption(clips(start, stop), texts, generator=generators, callback=callback, **overrides,
+                                **mode_options)
+        return getattr(pipe, mode)(texts, generator=generators, callback=callback, **overrides, **mode_options)
 
     return call
 
@@ -325,7 +328,8 @@ def caption_clips(options: SamplingOptions, clips, clips_file, hint: Optional[st
     pipe = load_model(options)
     check_vocabulary(pipe, [hint] if hint else [])
     check_clips(pipe, paths)
-    call = batch_call(pipe, "caption", options.overrides(), clips=lambda a, b: clip_batch(pipe, paths[a:b]), hint=hint)
+    hints = [hint] * len(paths) if hint else None
+    call = batch_call(pipe, "caption", options.overrides(), hints, lambda a, b: clip_batch(pipe, paths[a:b]))
     describe = lambda i: {"clip": paths[i], "hint": hint}  # noqa: E731
     return run_command(pipe, options, "caption", [Path(p).stem for p in paths], call, describe, out, console)
 
