@@ -287,6 +287,30 @@ def test_own_text_attention_starts_as_shared_and_then_leaves_the_video_path_alon
         assert not torch.allclose(own(**x).sample, before, atol=1e-4)
 
 
+def test_own_text_cross_attention_starts_as_shared_and_is_what_the_text_reads_the_prompt_with():
+    x = inputs(formulation="discrete")
+    shared, own = unified("discrete", seed=4), unified("discrete", seed=4, text_cross_attention="own")
+    missing, _ = own.load_state_dict(shared.state_dict(), strict=False)  # the same weights, then attn2_text
+    own._copy_video_to_text()                                          # from attn2, as from_wan does
+    assert missing and all(".attn2_text." in name for name in missing)
+    assert {f"blocks.{i}.attn2_text.to_k.weight" for i in range(2)} <= set(own.text_parameter_names())
+    assert set(own.wan_state_dict()) == set(shared.wan_state_dict())
+    with torch.no_grad():  # a copy of attn2 at the start: the same outputs as the shared cross-attention
+        a, b = shared(**x), own(**x)
+    assert torch.allclose(a.sample, b.sample, atol=1e-5) and torch.allclose(a.text_sample, b.text_sample, atol=1e-5)
+
+    # A text loss on text tokens alone trains attn2_text, and attn2 gets nothing from it.
+    out = own(hidden_states=None, timestep=None, encoder_hidden_states=x["encoder_hidden_states"],
+              text_states=x["text_states"], timestep_text=x["timestep_text"])
+    out.text_sample.square().mean().backward()
+    video_grad = own.blocks[0].attn2.to_k.weight.grad
+    assert video_grad is None or not video_grad.any()
+    assert own.blocks[0].attn2_text.to_k.weight.grad.abs().sum() > 0
+    with torch.no_grad():  # and the text's prediction reads the prompt through it
+        own.blocks[0].attn2_text.to_v.weight.add_(0.5)
+        assert not torch.allclose(own(**x).text_sample, b.text_sample, atol=1e-4)
+
+
 @pytest.mark.parametrize("attention", ["shared", "own"])
 def test_video_that_does_not_attend_to_text_is_the_stock_video_and_text_reads_all(attention):
     """`video_attends_text=False`: the video output is the stock model's whatever the text; the text output is

@@ -128,6 +128,7 @@ class TextSection:
     video_attends_text: bool = True  # false: video tokens attend to video tokens only (README)
     video_keys: Literal["video", "text"] = "video"  # text: the text reads video tokens through its own attn1_text
                                                     # keys and values (needs attention: own, video_attends_text: false)
+    cross_attention: Literal["shared", "own"] = "shared"  # own: the text reads the prompt through its own attn2_text
 
 
 @dataclass

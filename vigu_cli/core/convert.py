@@ -55,6 +55,7 @@ def text_stream_config(recipe: Recipe, vocab_size: int) -> dict:
         text_attention=text.attention,
         video_attends_text=text.video_attends_text,
         text_video_keys=text.video_keys,
+        text_cross_attention=text.cross_attention,
     )
 
 

@@ -32,7 +32,8 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.peft_utils import apply_lora_scale
 from torch import nn
 
-# Top-level modules that the stock Wan transformer does not have; blocks add `ffn_text` (and `attn1_text`).
+# Top-level modules that the stock Wan transformer does not have; blocks add `ffn_text` (and `attn1_text`,
+# `attn2_text`).
 TEXT_MODULES = (
     "text_embedding",
     "text_in",
@@ -137,11 +138,12 @@ class UniViGUTransformerBlock(WanTransformerBlock):
     """A Wan block with a second FFN, `ffn_text`, for text tokens, and with `text_attention="own"` the text
     tokens' own self-attention projections, `attn1_text`. `video_attends_text=False`: video tokens attend to
     video tokens only (text tokens still attend to all); `text_video_keys="text"` then has the text read the
-    video tokens through `attn1_text`'s keys and values."""
+    video tokens through `attn1_text`'s keys and values. `text_cross_attention="own"`: the text tokens read the
+    prompt through their own cross-attention, `attn2_text`."""
 
     def __init__(
         self, dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim, text_ffn_dim,
-        text_attention="shared", video_attends_text=True, text_video_keys="video",
+        text_attention="shared", video_attends_text=True, text_video_keys="video", text_cross_attention="shared",
     ):
         super().__init__(dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim)
         self.ffn_text = FeedForward(dim, inner_dim=text_ffn_dim, activation_fn="gelu-approximate")
@@ -149,6 +151,10 @@ class UniViGUTransformerBlock(WanTransformerBlock):
         self.text_keys_video = text_video_keys == "text"
         if text_attention == "own":
             self.attn1_text = WanAttention(dim=dim, heads=num_heads, dim_head=dim // num_heads, eps=eps)
+        if text_cross_attention == "own":
+            self.attn2_text = WanAttention(dim=dim, heads=num_heads, dim_head=dim // num_heads, eps=eps,
+                                           added_kv_proj_dim=added_kv_proj_dim, cross_attention_dim_head=dim // num_heads,
+                                           processor=WanAttnProcessor())
         self.attn1.set_processor(_TextAttnProcessor())
 
     def forward(
@@ -166,15 +172,16 @@ class UniViGUTransformerBlock(WanTransformerBlock):
         `hidden_states`): this block's tokens of a `VideoContext`, which the text queries read."""
         if text_hidden_states is None:
             return super().forward(hidden_states, encoder_hidden_states, temb, rotary_emb)
-        streams = [(hidden_states, temb, self.ffn), (text_hidden_states, temb_text, self.ffn_text)]
+        streams = [(hidden_states, temb, self.attn2, self.ffn),
+                   (text_hidden_states, temb_text, getattr(self, "attn2_text", self.attn2), self.ffn_text)]
         streams = [stream for stream in streams if stream[0] is not None]
-        xs = [x for x, _, _ in streams]
-        mods = [self._modulation(t) for _, t, _ in streams]
+        xs = [x for x, *_ in streams]
+        mods = [self._modulation(t) for _, t, *_ in streams]
         sizes = [x.shape[1] for x in xs]
 
         # 1. Self-attention over [video ; text] (shared, or per-modality projections); each stream modulated
         # and gated by its own timestep.
-        norm_x = [self.attention_input(x, t) for x, t, _ in streams]
+        norm_x = [self.attention_input(x, t) for x, t, *_ in streams]
         num_video = sum(sizes[:-1]) if video_tokens is None else video_tokens.shape[1]
         text = {"text": getattr(self, "attn1_text", self.attn1), "num_video": num_video,
                 "text_keys_video": self.text_keys_video}
@@ -189,14 +196,14 @@ class UniViGUTransformerBlock(WanTransformerBlock):
                            self.attn1(norm_x[1], torch.cat(norm_x, dim=1), None, rotary_emb, **text))
         xs = [(x.float() + a * m[2]).type_as(x) for x, a, m in zip(xs, attn_output, mods)]
 
-        # 2. Shared cross-attention to the prompt, ungated, each stream on its own (the same per token; video
-        # that does not attend to text then does not depend on it in autograd's graph either).
-        xs = [(x + self.attn2(self.norm2(x.float()).type_as(x), encoder_hidden_states, None, None)).type_as(x)
-              for x in xs]
+        # 2. Cross-attention to the prompt (shared, or the text's own), ungated, each stream on its own (the same
+        # per token; video that does not attend to text then does not depend on it in autograd's graph either).
+        xs = [(x + attn2(self.norm2(x.float()).type_as(x), encoder_hidden_states, None, None)).type_as(x)
+              for x, (_, _, attn2, _) in zip(xs, streams)]
 
         # 3. One FFN per modality.
         out = []
-        for x, m, (_, _, ffn) in zip(xs, mods, streams):
+        for x, m, (*_, ffn) in zip(xs, mods, streams):
             norm_x = (self.norm3(x.float()) * (1 + m[4]) + m[3]).type_as(x)
             out.append((x.float() + ffn(norm_x).float() * m[5]).type_as(x))
         return (out[0] if hidden_states is not None else None), out[-1]
@@ -220,7 +227,9 @@ class UniViGUTransformer(WanTransformer3DModel):
     a copy of `ffn`; another width starts fresh); `text_max_length`, the most text positions;
     `text_attention` "shared" (the paper: text tokens use the block's `attn1` projections) or "own" (text
     tokens project with their own `attn1_text`, a copy of `attn1` at the start, in the same joint attention,
-    so training text need not change the video stream's projections; README); `video_attends_text` True (the
+    so training text need not change the video stream's projections; README); `text_cross_attention` "shared"
+    (the paper) or "own" (text tokens read the prompt through their own `attn2_text`, a copy of `attn2` at the
+    start); `video_attends_text` True (the
     paper: every token attends to every token) or False (video tokens attend to video tokens only, so the
     video stream is the stock model's whatever the text; README); `text_video_keys` "video" (the text reads
     the video tokens' keys and values as the video's own `attn1` projects them) or "text" (through the text's
@@ -272,6 +281,7 @@ class UniViGUTransformer(WanTransformer3DModel):
         text_attention: Literal["shared", "own"] = "shared",
         video_attends_text: bool = True,
         text_video_keys: Literal["video", "text"] = "video",
+        text_cross_attention: Literal["shared", "own"] = "shared",
     ) -> None:
         if text_formulation not in ("embedding", "discrete"):
             raise ValueError(f"text_formulation must be 'embedding' or 'discrete', got {text_formulation!r}")
@@ -282,6 +292,8 @@ class UniViGUTransformer(WanTransformer3DModel):
                              "the text's own projections, and video keys that the video's queries do not share")
         if text_video_keys not in ("video", "text"):
             raise ValueError(f"text_video_keys must be 'video' or 'text', got {text_video_keys!r}")
+        if text_cross_attention not in ("shared", "own"):
+            raise ValueError(f"text_cross_attention must be 'shared' or 'own', got {text_cross_attention!r}")
         # The parent builds everything but the blocks, which are built once, here, as the subclass.
         super().__init__(
             patch_size=patch_size,
@@ -307,7 +319,7 @@ class UniViGUTransformer(WanTransformer3DModel):
         self.blocks = nn.ModuleList(
             UniViGUTransformerBlock(
                 dim, ffn_dim, num_attention_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim, text_ffn_dim,
-                text_attention, video_attends_text, text_video_keys,
+                text_attention, video_attends_text, text_video_keys, text_cross_attention,
             )
             for _ in range(num_layers)
         )
@@ -338,6 +350,7 @@ class UniViGUTransformer(WanTransformer3DModel):
         if (self.config.text_ffn_dim or self.config.ffn_dim) == self.config.ffn_dim:
             pairs += [(block.ffn_text, block.ffn) for block in self.blocks]
         pairs += [(block.attn1_text, block.attn1) for block in self.blocks if hasattr(block, "attn1_text")]
+        pairs += [(block.attn2_text, block.attn2) for block in self.blocks if hasattr(block, "attn2_text")]
         for text_module, video_module in pairs:
             text_module.load_state_dict(video_module.state_dict())
         self.scale_shift_table_text.copy_(self.scale_shift_table)
@@ -364,7 +377,7 @@ class UniViGUTransformer(WanTransformer3DModel):
         """State-dict names of the parameters a stock Wan transformer does not have."""
         return [
             n for n in self.state_dict()
-            if n.split(".")[0] in TEXT_MODULES or ".ffn_text." in n or ".attn1_text." in n
+            if n.split(".")[0] in TEXT_MODULES or any(f".{m}." in n for m in ("ffn_text", "attn1_text", "attn2_text"))
         ]
 
     def wan_state_dict(self) -> dict[str, torch.Tensor]:
