@@ -7,12 +7,12 @@ Sets:
 - a built dataset (`--data DIR`): its held-out split (all its items when it has none), each clip
   fitted to the model's shape, its caption the reference; the first `--items` of them.
 
-Per step count: captions of the clips (no hint: understanding from the video alone; `--hint`: each
-conditioned on its prompt, the paper's stage-2 setting), a clip per prompt, a joint clip and caption per prompt. Scores: caption accuracy per attribute, macro and hidden
-(where the references are world captions, which the world's parser reads back to the truth);
-generation prompt following and joint coherence (where the prompts follow the world's grammar);
-BLEU-4, ROUGE-L and CIDEr of the captions against the references (always). Videos are measured as
-they come and not kept (but the contact sheet's few), so a large set needs no memory for them.
+Per step count: captions of the clips (no hint: understanding from the video alone; `--hint`: each conditioned on
+its prompt, the paper's stage-2 setting), a clip per prompt, a joint clip and caption per prompt. Scores: caption
+accuracy per attribute, macro and hidden (where the references are world captions, which the world's parser reads
+back to the truth); generation prompt following and joint coherence (where the prompts follow the world's grammar);
+BLEU-4, ROUGE-L and CIDEr of the captions against the references (always). Videos are measured as they come and not
+kept (but the contact sheet's few), so a large set needs no memory for them.
 """
 
 from __future__ import annotations

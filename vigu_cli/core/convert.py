@@ -193,7 +193,8 @@ def check_architecture(recipe: Recipe, folder: Path, config) -> None:
     """The recipe's `model.transformer` describes the folder it names: a folder's own config is what loads, so
     a recipe that says otherwise (an override meant for a model built from scratch, the wrong recipe for a
     checkpoint) would leave its memory estimates and benchmarks describing another model."""
-    differ = [f"{key} is {config[key]} there, {value} in the recipe" for key, value in vars(recipe.model.transformer).items()
+    differ = [f"{key} is {config[key]} there, {value} in the recipe"
+              for key, value in vars(recipe.model.transformer).items()
               if key in config and list(np.atleast_1d(config[key])) != list(np.atleast_1d(value))]
     if differ:
         raise VigUError(

@@ -221,18 +221,17 @@ class UniViGUTransformerBlock(WanTransformerBlock):
 class UniViGUTransformer(WanTransformer3DModel):
     """`WanTransformer3DModel` extended with a text stream (paper section 3.2, official layout).
 
-    Text config: `text_formulation` "embedding" (paper: text is a d_t-dim latent, the learnable matrix E
-    is `text_embedding`) or "discrete" (official: text is token ids, the head gives vocabulary logits);
-    `text_vocab_size` V; `text_latent_dim` d_t; `text_ffn_dim` (None: `ffn_dim`, and `ffn_text` starts as
-    a copy of `ffn`; another width starts fresh); `text_max_length`, the most text positions;
-    `text_attention` "shared" (the paper: text tokens use the block's `attn1` projections) or "own" (text
-    tokens project with their own `attn1_text`, a copy of `attn1` at the start, in the same joint attention,
-    so training text need not change the video stream's projections; README); `text_cross_attention` "shared"
-    (the paper) or "own" (text tokens read the prompt through their own `attn2_text`, a copy of `attn2` at the
-    start); `video_attends_text` True (the
-    paper: every token attends to every token) or False (video tokens attend to video tokens only, so the
-    video stream is the stock model's whatever the text; README); `text_video_keys` "video" (the text reads
-    the video tokens' keys and values as the video's own `attn1` projects them) or "text" (through the text's
+    Text config: `text_formulation` "embedding" (paper: text is a d_t-dim latent, the learnable matrix E is
+    `text_embedding`) or "discrete" (official: text is token ids, the head gives vocabulary logits);
+    `text_vocab_size` V; `text_latent_dim` d_t; `text_ffn_dim` (None: `ffn_dim`, and `ffn_text` starts as a copy
+    of `ffn`; another width starts fresh); `text_max_length`, the most text positions; `text_attention` "shared"
+    (the paper: text tokens use the block's `attn1` projections) or "own" (text tokens project with their own
+    `attn1_text`, a copy of `attn1` at the start, in the same joint attention, so training text need not change
+    the video stream's projections; README); `text_cross_attention` "shared" (the paper) or "own" (text tokens
+    read the prompt through their own `attn2_text`, a copy of `attn2` at the start); `video_attends_text` True
+    (the paper: every token attends to every token) or False (video tokens attend to video tokens only, so the
+    video stream is the stock model's whatever the text; README); `text_video_keys` "video" (the text reads the
+    video tokens' keys and values as the video's own `attn1` projects them) or "text" (through the text's
     `attn1_text`; needs "own" and video_attends_text False).
 
     Init: `time_embedder_text`, `time_proj_text`, `scale_shift_table_text` (and `ffn_text` at equal width)
