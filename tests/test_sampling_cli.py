@@ -121,9 +121,11 @@ def test_caption_of_an_mp4_equals_pipeline_caption_on_the_same_tensor(vigu, mode
     assert json.loads((tmp_path / "cap" / "000-clip.json").read_text()) == record
 
     (tmp_path / "clips.txt").write_text(f"{clip_path}\n")
+    hint = "a blue square staying still"  # one that moves this tiny model's coarse nearest-row decode
     hinted = vigu("caption", "--clips-file", tmp_path / "clips.txt", "--model", model_dir, "--seed", "3",
-                  "--hint", "a red circle moving left")
+                  "--hint", hint, *FLOAT32)
     assert hinted.code == 0 and len(hinted.lines) == 1 and hinted.lines[0] != expected  # the hint conditions
+    assert hinted.lines[0] == pipe.caption(clip, hint, generator=torch.Generator().manual_seed(3)).texts[0]
 
 
 def test_text_sampling_options_reach_the_discrete_solver(vigu, tiny_wan_dir, clip_path, tmp_path):
