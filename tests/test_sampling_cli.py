@@ -347,6 +347,7 @@ def test_eval_with_hint_scores_the_captions_conditioned_on_each_prompt(vigu, mod
     alone = pipe.caption(clips, generator=seeds(), steps=2).texts
     page = (tmp_path / "sheet.html").read_text()  # the sheet shows each caption eval made
     assert all(f"caption: {text}<" in page for text in hinted)
+    assert all(f"hint: {item.prompt}<" in page for item in items)
     assert any(f"caption: {text}<" not in page for text in alone)  # the hint conditions the captions
     assert report["results"][0]["caption"] == evaluate.caption_accuracy(hinted, [item.truth for item in items])
 

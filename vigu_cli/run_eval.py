@@ -153,7 +153,7 @@ def run_eval(
             row["joint"] = evaluate.caption_coherence(joint["measured"], joint["texts"]) if prompted else None
             report["results"].append(row)
     if sheet is not None:
-        report["sheet"] = [str(p) for p in write_contact_sheet(sheet, sheet_rows(items, outputs), sheet_title(report))]
+        report["sheet"] = [str(p) for p in write_contact_sheet(sheet, sheet_rows(items, outputs, hint), sheet_title(report))]
     return report
 
 
@@ -169,11 +169,11 @@ def collect(samples) -> dict:
     return out
 
 
-def sheet_rows(items: list[EvalItem], outputs: dict) -> list[SheetRow]:
+def sheet_rows(items: list[EvalItem], outputs: dict, hint: bool = False) -> list[SheetRow]:
     rows = []
     for i, item in enumerate(items[:SHEET_ITEMS]):
-        rows.append(SheetRow("caption", item.load(), [f"caption: {outputs['caption']['texts'][i]}",
-                                                      f"reference: {item.references[0]}"]))
+        lines = [f"caption: {outputs['caption']['texts'][i]}", f"reference: {item.references[0]}"]
+        rows.append(SheetRow("caption", item.load(), [f"hint: {item.prompt}", *lines] if hint else lines))
         if "generate" in outputs:
             rows.append(SheetRow("generate", outputs["generate"]["videos"][i], [f"prompt: {item.prompt}"]))
             rows.append(SheetRow("joint", outputs["joint"]["videos"][i],
