@@ -254,15 +254,35 @@ def test_bf16_autocast_and_lora_scale():
     torch.testing.assert_close(lora_off.sample, fp32.sample)
 
 
+def shared_and_own(module, **config):
+    """A model with the paper's shared attention and one with the text's own copy of each block's `module`
+    (`config` asks for it), on the same weights, the copy taken from `module` as `from_wan` takes it. Checks that
+    the copy is all the second model adds, that it counts as text parameters, and that the stock state dict
+    is unchanged."""
+    shared, own = unified("discrete", seed=4), unified("discrete", seed=4, **config)
+    missing, _ = own.load_state_dict(shared.state_dict(), strict=False)  # the same weights, then the copy
+    own._copy_video_to_text()
+    assert missing and all(f".{module}_text." in name for name in missing)
+    names = set(own.text_parameter_names())
+    assert {f"blocks.{i}.{module}_text.{proj}.weight" for i in range(2) for proj in ("to_q", "to_k")} <= names
+    assert set(own.wan_state_dict()) == set(shared.wan_state_dict())
+    return shared, own
+
+
+def assert_text_loss_trains_only(own, x, text_projection, video_projection):
+    """A loss on the text tokens alone (no video tokens) gives `text_projection` a gradient and
+    `video_projection` none."""
+    out = own(hidden_states=None, timestep=None, encoder_hidden_states=x["encoder_hidden_states"],
+              text_states=x["text_states"], timestep_text=x["timestep_text"])
+    out.text_sample.square().mean().backward()
+    video_grad = video_projection.weight.grad
+    assert video_grad is None or not video_grad.any()
+    assert text_projection.weight.grad.abs().sum() > 0
+
+
 def test_own_text_attention_starts_as_shared_and_then_leaves_the_video_path_alone():
     x = inputs(formulation="discrete")
-    shared, own = unified("discrete", seed=4), unified("discrete", seed=4, text_attention="own")
-    missing, _ = own.load_state_dict(shared.state_dict(), strict=False)  # the same weights, then attn1_text
-    own._copy_video_to_text()                                          # from attn1, as from_wan does
-    assert missing and all(".attn1_text." in name for name in missing)
-    names = own.text_parameter_names()
-    assert {f"blocks.{i}.attn1_text.to_q.weight" for i in range(2)} <= set(names)
-    assert set(own.wan_state_dict()) == set(shared.wan_state_dict())
+    shared, own = shared_and_own("attn1", text_attention="own")
     seen = []  # attn1 is still the module called, so hooks on it see [video ; text] as with shared attention
     hook = own.blocks[0].attn1.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     with torch.no_grad():  # a copy of attn1 at the start: the same outputs as shared attention
@@ -272,12 +292,7 @@ def test_own_text_attention_starts_as_shared_and_then_leaves_the_video_path_alon
     assert seen == [(2, 48 + L, 64)]
 
     # A text loss trains attn1_text and leaves attn1 without gradient from text tokens alone (no video tokens).
-    out = own(hidden_states=None, timestep=None, encoder_hidden_states=x["encoder_hidden_states"],
-              text_states=x["text_states"], timestep_text=x["timestep_text"])
-    out.text_sample.square().mean().backward()
-    video_grad = own.blocks[0].attn1.to_q.weight.grad
-    assert video_grad is None or not video_grad.any()
-    assert own.blocks[0].attn1_text.to_q.weight.grad.abs().sum() > 0
+    assert_text_loss_trains_only(own, x, own.blocks[0].attn1_text.to_q, own.blocks[0].attn1.to_q)
 
     # The video tokens' attention reads text keys made by attn1_text: changing it moves the joint video output
     own.zero_grad()
@@ -289,23 +304,13 @@ def test_own_text_attention_starts_as_shared_and_then_leaves_the_video_path_alon
 
 def test_own_text_cross_attention_starts_as_shared_and_is_what_the_text_reads_the_prompt_with():
     x = inputs(formulation="discrete")
-    shared, own = unified("discrete", seed=4), unified("discrete", seed=4, text_cross_attention="own")
-    missing, _ = own.load_state_dict(shared.state_dict(), strict=False)  # the same weights, then attn2_text
-    own._copy_video_to_text()                                          # from attn2, as from_wan does
-    assert missing and all(".attn2_text." in name for name in missing)
-    assert {f"blocks.{i}.attn2_text.to_k.weight" for i in range(2)} <= set(own.text_parameter_names())
-    assert set(own.wan_state_dict()) == set(shared.wan_state_dict())
+    shared, own = shared_and_own("attn2", text_cross_attention="own")
     with torch.no_grad():  # a copy of attn2 at the start: the same outputs as the shared cross-attention
         a, b = shared(**x), own(**x)
     assert torch.allclose(a.sample, b.sample, atol=1e-5) and torch.allclose(a.text_sample, b.text_sample, atol=1e-5)
 
     # A text loss on text tokens alone trains attn2_text, and attn2 gets nothing from it.
-    out = own(hidden_states=None, timestep=None, encoder_hidden_states=x["encoder_hidden_states"],
-              text_states=x["text_states"], timestep_text=x["timestep_text"])
-    out.text_sample.square().mean().backward()
-    video_grad = own.blocks[0].attn2.to_k.weight.grad
-    assert video_grad is None or not video_grad.any()
-    assert own.blocks[0].attn2_text.to_k.weight.grad.abs().sum() > 0
+    assert_text_loss_trains_only(own, x, own.blocks[0].attn2_text.to_k, own.blocks[0].attn2.to_k)
     with torch.no_grad():  # and the text's prediction reads the prompt through it
         own.blocks[0].attn2_text.to_v.weight.add_(0.5)
         assert not torch.allclose(own(**x).text_sample, b.text_sample, atol=1e-4)
