@@ -4,32 +4,35 @@
 #
 # 1. build a large world dataset (8,192 clips) with the untrained world model's encoders (model.base=world),
 # 2. train stage `base` (text-to-video flow matching, no text stream; recipe world-tiny, train.base) in the
-#    two phases the shipped model had: lr 1e-3 constant to train.base.max_steps (3,500), then, resumed from
-#    that checkpoint, diffusers' cosine schedule (counted from step 0) down to 0 at $TOTAL_STEPS,
-# 3. export the result as a stock diffusers WanPipeline folder into the package, with its logs.
+#    two phases the shipped model had: lr 1e-3 constant to $STABLE_STEPS, then, resumed from that checkpoint,
+#    diffusers' cosine schedule (counted from step 0) down to 0 at $TOTAL_STEPS,
+# 3. export the result as a stock diffusers WanPipeline folder to $ASSET, with its logs.
 # Each step resumes. About 2 h 10 min on one core of the 2-core CPU machine (1 s/step at batch 16, bf16);
-# one GPU does it in minutes. Environment: VIGU, WORK (default runs/world-base), TOTAL_STEPS (default 7500),
-# PYTHON (the Python that has vigu), BASE_SET (extra recipe overrides).
+# one GPU does it in minutes. Environment: VIGU, PYTHON (the Python that has vigu), WORK (default
+# runs/world-base), ASSET (default the package's), ITEMS (clips, 8192), STABLE_STEPS (default the recipe's
+# train.base.max_steps, 3500), TOTAL_STEPS (7500), BASE_SET (recipe overrides `key=value ...`, applied last).
 set -euo pipefail
 
 read -r -a VIGU <<< "${VIGU:-vigu}"
 PYTHON=${PYTHON:-python3}
 WORK=${WORK:-runs/world-base}
+ASSET=${ASSET:-vigu_cli/assets/world-wan2.1}
+ITEMS=${ITEMS:-8192}
 TOTAL_STEPS=${TOTAL_STEPS:-7500}
-ASSET=vigu_cli/assets/world-wan2.1
 read -r -a OVERRIDES <<< "${BASE_SET:-}"
-COMMON=(--recipe world-tiny --set model.base=world "${OVERRIDES[@]}")
-
-"${VIGU[@]}" build-dataset "${COMMON[@]}" --out "$WORK/data" --set data.num_items=8192 --set data.shard_size=512 \
-    --set data.val_every=128 --set data.keep_videos=false --set data.latents_dtype=bfloat16
-TRAIN=(train "${COMMON[@]}" --stage base --resume --set "train.output_dir=$WORK" --set "train.dataset=$WORK/data")
-STABLE=$("$PYTHON" -c "from vigu_cli.recipe import load_recipe; print(load_recipe('world-tiny').train.base.max_steps)")
+# recipe KEY=VALUE...: ARGS = the recipe options of a command, BASE_SET's overrides last
+recipe() { ARGS=(--recipe world-tiny --set model.base=world); local item; for item in "$@" "${OVERRIDES[@]}"; do ARGS+=(--set "$item"); done; }
 last_step() { { echo 0; ls "$WORK/base/checkpoints" 2>/dev/null | sed 's/step-0*//'; } | sort -n | tail -1; }
-if (( $(last_step) < STABLE )); then "${VIGU[@]}" "${TRAIN[@]}"; fi  # phase 1: constant lr
-if (( $(last_step) < TOTAL_STEPS )); then  # phase 2: cosine decay
-    "${VIGU[@]}" "${TRAIN[@]}" --set "train.base.max_steps=$TOTAL_STEPS" --set train.base.lr_scheduler=cosine
-fi
-"${VIGU[@]}" convert "$WORK/base/model" "$WORK/export" "${COMMON[@]}"
+
+recipe data.num_items="$ITEMS" data.shard_size=512 data.val_every=128 data.keep_videos=false data.latents_dtype=bfloat16
+"${VIGU[@]}" build-dataset "${ARGS[@]}" --out "$WORK/data"
+STABLE=${STABLE_STEPS:-$("$PYTHON" -c "from vigu_cli.recipe import load_recipe; print(load_recipe('world-tiny').train.base.max_steps)")}
+TRAIN=(train.output_dir="$WORK" train.dataset="$WORK/data")
+recipe "${TRAIN[@]}" train.base.max_steps="$STABLE"  # phase 1: constant lr
+if (( $(last_step) < STABLE )); then "${VIGU[@]}" train --stage base --resume "${ARGS[@]}"; fi
+recipe "${TRAIN[@]}" train.base.max_steps="$TOTAL_STEPS" train.base.lr_scheduler=cosine  # phase 2: cosine decay
+if (( $(last_step) < TOTAL_STEPS )); then "${VIGU[@]}" train --stage base --resume "${ARGS[@]}"; fi
+recipe; "${VIGU[@]}" convert "$WORK/base/model" "$WORK/export" "${ARGS[@]}"
 rm -rf "$ASSET.tmp"
 cp -r "$WORK/export" "$ASSET.tmp"
 cp "$WORK/base/metrics.jsonl" "$WORK/base/validation.jsonl" "$ASSET.tmp/"
