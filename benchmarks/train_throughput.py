@@ -137,11 +137,12 @@ def run(args) -> None:
         mfu = f"MFU {flops / seconds / peak:6.1%}" if name in ("cached", "on the fly", "compiled") else " " * 10
         print(f"  {name:28s} {seconds:7.3f} s/step  {tokens / seconds:9.0f} tokens/s  {mfu}"
               f"  (first step {first:.1f} s)")
-    cached, fly, compiled, both, one, predicted = (results[k][0] for k in results)
-    print(f"  cached / on the fly speed-up: {fly / cached:.2f}x")
-    print(f"  compiled / eager speed-up (cached): {cached / compiled:.2f}x")
-    print(f"  trainable text, video not attending / attending to text: {both / one:.2f}x")
-    print(f"  trainable text, video not attending, stopped where the text read it / predicted: {predicted / one:.2f}x")
+    step = {name: row[0] for name, row in results.items()}  # seconds per step, by run
+    print(f"  cached / on the fly speed-up: {step['on the fly'] / step['cached']:.2f}x")
+    print(f"  compiled / eager speed-up (cached): {step['cached'] / step['compiled']:.2f}x")
+    print(f"  trainable text, video not attending / attending to text: {step['text, v<-t'] / step['text, v-/-t']:.2f}x")
+    print("  trainable text, video not attending, stopped where the text read it / predicted: "
+          f"{step['text, v-/-t, video predicted'] / step['text, v-/-t']:.2f}x")
     print(f"  matmul peak ({'bf16' if args.bf16 else 'fp32'}, 2048^3, same run): {peak / 1e9:.0f} GFLOP/s")
 
 
