@@ -118,6 +118,19 @@ def test_joint_coherence_counts_what_the_clip_does_not_show_as_wrong():
     assert "speed" not in evaluate.caption_coherence(still, [caption])
 
 
+def test_draw_gap_compares_what_generation_draws_with_the_worlds_draws():
+    truths = [{"background": b, "size": "small", "speed": None, "start": "top left"} for b in ("black", "white", "gray")]
+    collapsed = [{"background": "gray", "size": None, "speed": None, "start": "top left"}] * 3
+    gap = evaluate.draw_gap(collapsed, truths)
+    assert gap["background"]["generated"] == {"gray": 1.0} and gap["background"]["world"] == pytest.approx(
+        {"black": 1 / 3, "gray": 1 / 3, "white": 1 / 3})
+    assert gap["background"]["tv"] == pytest.approx(2 / 3)
+    assert gap["size"] == {"generated": {"none": 1.0}, "world": {"small": 1.0}, "tv": 1.0}  # unmeasurable counts as drawn wrong
+    assert gap["speed"]["tv"] == gap["start"]["tv"] == 0.0  # still clips: no speed on either side
+    assert gap["mean"] == pytest.approx((2 / 3 + 1.0) / 4)
+    assert evaluate.draw_gap(truths, truths)["mean"] == 0.0
+
+
 def test_prompt_following_and_generation_accuracy_on_rendered_clips():
     specs = [world.sample_clip(np.random.default_rng(k), 32, 32, 17) for k in range(4)]
     videos = [world.render(spec) for spec in specs]

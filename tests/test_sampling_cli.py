@@ -306,11 +306,14 @@ def test_eval_prints_the_tables_writes_json_and_a_contact_sheet(vigu, model_dir,
         assert {"shape", "color", "background", "size", "motion", "start", "macro"} <= set(row["joint"])
         assert set(row["text"]) == {"bleu4", "rouge_l", "cider"} and 0 < row["text"]["rouge_l"] < 1
         assert set(row["seconds_per_item"]) == {"caption", "generate", "joint"}
+        assert set(row["generation_draws"]) == {*evaluate.HIDDEN, "mean"}
+        assert all(0 <= row["generation_draws"][a]["tv"] <= 1 for a in evaluate.HIDDEN)
     # the curve: one row per step count, then the attribute table
     curve = [line.split() for line in run.lines if line.split()[:1] in (["1"], ["2"])]
     assert [cells[0] for cells in curve] == ["1", "2"]
     assert f"{report['results'][1]['text']['cider']:.3f}" in curve[1]
     assert "accuracy vs steps" in run.stdout and "joint coherence" in run.stdout
+    assert "what the prompt leaves open" in run.stdout
     page = (tmp_path / "sheet.html").read_text()
     assert page.count("data:image/png;base64,") == 12  # 4 items x (caption, generate, joint)
     assert world.prompt_text(world.sample_clip(np.random.default_rng([0x5EED_E7A1, 0, 0]), 16, 16, 9)) in page
@@ -331,6 +334,7 @@ def test_eval_of_a_video_that_does_not_read_the_text_scores_generation_on_the_jo
                            steps=2).videos
     measured = [world.measure_video(video) for video in videos]
     assert row["generation"] == evaluate.prompt_following(measured, [item.prompt for item in items])
+    assert row["generation_draws"] == evaluate.draw_gap(measured, [item.truth for item in items])
 
 
 def test_eval_with_hint_scores_the_captions_conditioned_on_each_prompt(vigu, model_dir, tmp_path):

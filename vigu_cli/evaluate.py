@@ -3,6 +3,7 @@
 - captioning: the attributes parsed from a generated caption against the truth;
 - generation (prompt following): shape, colour and motion measured in a generated clip against the
   prompt;
+- what generation draws for the attributes the prompt leaves open, against the world's draws (`draw_gap`);
 - joint coherence: the attributes of a joint caption against what is measured in the joint clip (an
   attribute the clip does not show measurably cannot agree with the caption: it counts as wrong);
 - BLEU-4, ROUGE-L and CIDEr of captions against reference captions, computed as the coco-caption
@@ -56,6 +57,29 @@ def generation_accuracy(videos: Iterable[np.ndarray], prompts: list[str]) -> dic
 def prompt_following(measured: Iterable[dict], prompts: list[str]) -> dict[str, float]:
     """`generation_accuracy` on clips already measured (`world.measure_video`)."""
     return attribute_accuracy(measured, (world.parse_prompt(p) for p in prompts), PROMPTED)
+
+
+def draw_gap(measured: Iterable[dict], truths: Iterable[dict], attributes: Iterable[str] = HIDDEN) -> dict[str, dict]:
+    """What generation draws for the attributes a brief prompt leaves open, against what the world drew for the
+    same prompts: per attribute, the share of each value among the generated clips (as measured; `none`: not
+    measurable, or a still clip's speed) and among the truths, and `tv`, the total variation distance between the
+    two (0: drawn as the world draws; 1: nothing in common); `mean` is the mean `tv`. A model that falls back on
+    the data's mean (a gray background, a middling size) shows here while its prompt following may not."""
+    measured, truths = list(measured), list(truths)
+    gap = {}
+    for attribute in attributes:
+        drawn = _shares(item.get(attribute) for item in measured)
+        world_shares = _shares(item.get(attribute) for item in truths)
+        tv = sum(abs(drawn.get(v, 0.0) - world_shares.get(v, 0.0)) for v in {*drawn, *world_shares}) / 2
+        gap[attribute] = {"generated": drawn, "world": world_shares, "tv": tv}
+    gap["mean"] = float(np.mean([entry["tv"] for entry in gap.values()]))
+    return gap
+
+
+def _shares(values: Iterable) -> dict[str, float]:
+    counts = Counter("none" if value is None else value for value in values)
+    total = sum(counts.values())
+    return {value: count / total for value, count in sorted(counts.items())}
 
 
 def joint_coherence(videos: Iterable[np.ndarray], captions: list[str]) -> dict[str, float]:

@@ -150,6 +150,8 @@ def run_eval(
             row["caption"] = evaluate.caption_accuracy(captions, [item.truth for item in items]) if judged else None
             row["text"] = evaluate.text_scores(captions, references)
             row["generation"] = evaluate.prompt_following(outputs["generate"]["measured"], prompts) if prompted else None
+            row["generation_draws"] = (evaluate.draw_gap(outputs["generate"]["measured"], [item.truth for item in items])
+                                       if prompted and judged else None)
             row["joint"] = evaluate.caption_coherence(joint["measured"], joint["texts"]) if prompted else None
             report["results"].append(row)
     if sheet is not None:
@@ -225,7 +227,23 @@ def steps_table(report: dict) -> Table:
     return table
 
 
+def draws_table(draws: dict) -> Table:
+    """What generation drew for each attribute the prompt leaves open, next to the world's draws."""
+    shares = lambda values: "  ".join(f"{value} {share:.2f}" for value, share in values.items())  # noqa: E731
+    table = Table(title=f"generation: what the prompt leaves open (total variation from the world's draws, mean "
+                        f"{draws['mean']:.3f})")
+    for column in ("attribute", "generated", "world", "TV"):
+        table.add_column(column, justify="right" if column == "TV" else "left")
+    for attribute, entry in draws.items():
+        if attribute != "mean":
+            table.add_row(attribute, shares(entry["generated"]), shares(entry["world"]), f"{entry['tv']:.3f}")
+    return table
+
+
 def tables(report: dict) -> list[Table]:
-    """The curve, then the per-attribute table where the world's judge scored anything."""
-    judged = any(report["results"][-1][key] is not None for key in ("caption", "generation", "joint"))
-    return [steps_table(report)] + ([attribute_table(report)] if judged else [])
+    """The curve, then the per-attribute table where the world's judge scored anything, then what generation
+    drew where the prompt says nothing."""
+    last = report["results"][-1]
+    judged = any(last[key] is not None for key in ("caption", "generation", "joint"))
+    draws = [draws_table(last["generation_draws"])] if last["generation_draws"] else []
+    return [steps_table(report)] + ([attribute_table(report)] if judged else []) + draws
