@@ -101,6 +101,38 @@ def test_guidance_scale_per_stream():
     assert torch.allclose(out_t, torch.full((1, 2, 2), -10.0))  # scale 1: the conditional prediction
 
 
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_video_eta_steps_stay_on_the_paths_marginals(eta):
+    """DDIM's stochastic step with the exact field: the samples reach the data distribution (mean and spread)
+    as the steps grow, though each one ends elsewhere than the deterministic flow's."""
+    noise = torch.randn(4096, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sample = lambda steps: FlowSolver(steps, "euler", 3.0, video_eta=eta)(  # noqa: E731
+        toy_model, Stream(noise.clone()), None, generator=torch.Generator().manual_seed(1))[0]
+    out, coarse = sample(400), sample(25)
+    assert abs(float(out.mean()) - MU) < 0.02 and abs(float(out.std()) - STD) < 0.02
+    assert abs(float(coarse.std()) - STD) > abs(float(out.std()) - STD)  # a coarse grid loses spread; steps converge
+    deterministic, _ = FlowSolver(400, "euler", 3.0)(toy_model, Stream(noise.clone()), None)
+    assert float((out - deterministic).abs().mean()) > 0.1  # the fresh noise moved the samples
+    assert torch.equal(out, sample(400))  # the same generator, the same samples
+
+
+def test_video_eta_step_by_hand():
+    x, v = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    sigma, sigma_next = torch.tensor(0.8, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64)
+    data, noise = x - sigma * v, x + (1 - sigma) * v
+    c = 0.6 * 0.5 * math.sqrt(1 - (0.2 * 0.5 / (0.5 * 0.8)) ** 2)
+    fresh = torch.randn(2, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    step = FlowSolver(4, "euler", video_eta=0.6).video_step(x, v, sigma, sigma_next, torch.Generator().manual_seed(4))
+    assert torch.allclose(step, 0.5 * data + math.sqrt(0.25 - c * c) * noise + c * fresh)
+    euler = FlowSolver(4, "euler").video_step(x, v, sigma, sigma_next)
+    assert torch.equal(euler, x + (sigma_next - sigma) * v)  # eta 0: Euler, bit for bit
+    assert torch.equal(FlowSolver(4, "euler", video_eta=0.6).video_step(x, v, sigma, torch.tensor(0.0)), x - sigma * v)
+    with pytest.raises(ValueError, match="video_eta needs the euler solver"):
+        FlowSolver(4, "heun", video_eta=0.5)
+    with pytest.raises(ValueError, match="video_eta must be between 0 and 1"):
+        FlowSolver(4, "euler", video_eta=1.5)
+
+
 def test_interpolation_target_and_prediction_inverse():
     data, noise = torch.randn(4, 3, 2), torch.randn(4, 3, 2)
     sigma = torch.tensor([0.0, 0.25, 0.5, 1.0])

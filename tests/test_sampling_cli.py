@@ -202,6 +202,21 @@ def test_same_seed_same_output_whatever_the_batch(vigu, model_dir, tmp_path):
     assert other_captions != captions and all(np.mean(x != y) > 0.5 for x, y in zip(videos, other))
 
 
+def test_video_eta_reaches_the_video_solver_and_keeps_seeds(vigu, model_dir, tmp_path):
+    """`--video-eta`: in the sidecar; the same seed gives the same clip; not the deterministic flow's clip."""
+    clips = {}
+    for name, eta in (("a", "0.7"), ("b", "0.7"), ("euler", "0")):
+        run = vigu("generate", PROMPTS[0], "--model", model_dir, "--out", tmp_path / name, "--seed", "5", "--steps", "3",
+                   "--video-eta", eta, *FLOAT32)
+        assert run.code == 0, run.stderr
+        assert json.loads(Path(run.lines[0]).with_suffix(".json").read_text())["video_eta"] == float(eta)
+        clips[name] = read_video(run.lines[0])
+    assert np.array_equal(clips["a"], clips["b"])
+    assert np.mean(clips["a"] != clips["euler"]) > 0.5
+    default = vigu("generate", PROMPTS[0], "--model", model_dir, "--out", tmp_path / "default", "--steps", "1")
+    assert json.loads(Path(default.lines[0]).with_suffix(".json").read_text())["video_eta"] == tiny_recipe().sampling.video_eta
+
+
 def test_discrete_jumps_draw_per_sample_with_a_list_of_generators():
     flow = DiscreteTextFlow(vocab_size=11)
     logits = torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(0))
@@ -251,6 +266,10 @@ BAD = {
                            "error: unknown --text-order 'sorted': use random or confidence"),
     "text order of an embedding flow": (["caption", "{clip}", "--text-order", "confidence"],
                                         "error: --text-order: "),
+    "video eta out of range": (["generate", "a red circle moving left", "--video-eta", "2"],
+                               "error: --video-eta must be between 0 (the deterministic flow) and 1, got 2.0"),
+    "video eta with heun": (["joint", "a red circle moving left", "--video-eta", "0.5", "--solver", "heun"],
+                            "error: --video-eta needs --solver euler (a stochastic step has no Heun correction)"),
     "zero batch": (["generate", "a red circle moving left", "--batch", "0"], "error: --batch must be at least 1, got 0"),
     "out of vocabulary": (["joint", "a red circle moving left", "a cat surfing"],
                           "error: the model's vocabulary has no words 'cat', 'surfing' (in \"a cat surfing\"): it knows "

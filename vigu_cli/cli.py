@@ -136,6 +136,9 @@ SAMPLING_OPTIONS = {  # name: (annotation, default); a command receives them as 
     "text_order": (Annotated[Optional[str], typer.Option(
         "--text-order", help="Discrete text flow: which tokens jump at each step, random (the official sampler) "
         "| confidence (most likely first) (default: the model's).")], None),
+    "video_eta": (Annotated[Optional[float], typer.Option(
+        "--video-eta", help="DDIM's eta for the video's Euler steps: fresh noise at each step, 0 = the deterministic "
+        "flow, 1 = as much as the DDPM posterior (default: the model's).")], None),
     "seed": (Annotated[int, typer.Option("--seed", help="Sample i uses seed + i, whatever the batch.")], 0),
     "batch": (Annotated[int, typer.Option("--batch", "-b", help="Samples per solver call.")], 1),
     "device": (Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")], "auto"),

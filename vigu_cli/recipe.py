@@ -158,6 +158,7 @@ class SamplingSection:
     text_temperature: float = 1.0  # discrete text flow's token draws (0: the most likely token); no effect on embedding
     text_order: Literal["random", "confidence"] = "random"  # discrete flow: which tokens jump (random: official)
     generate_text: Literal["prompt", "none"] = "prompt"  # text stream of `generate`: clean prompt tokens, or none
+    video_eta: float = 0.0  # DDIM's eta for the video's Euler steps: 0 the deterministic flow, 1 the DDPM posterior's noise
     seed: int = 0
 
 

@@ -53,6 +53,7 @@ class SamplingOptions:
     text_shift: Optional[float] = None
     text_temperature: Optional[float] = None
     text_order: Optional[str] = None
+    video_eta: Optional[float] = None
     seed: int = 0
     batch: int = 1  # samples per solver call
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -70,6 +71,10 @@ class SamplingOptions:
                 raise VigUError(f"--{name} must be at least 1, got {value}")
         if self.text_temperature is not None and self.text_temperature < 0:
             raise VigUError(f"--text-temperature must be at least 0 (0: the most likely token), got {self.text_temperature}")
+        if self.video_eta is not None and not 0 <= self.video_eta <= 1:
+            raise VigUError(f"--video-eta must be between 0 (the deterministic flow) and 1, got {self.video_eta}")
+        if self.video_eta and self.solver == "heun":
+            raise VigUError("--video-eta needs --solver euler (a stochastic step has no Heun correction)")
         resolve_device(self.device)
         self.model = self.model or DEFAULT_MODEL
 

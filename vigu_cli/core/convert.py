@@ -94,6 +94,7 @@ def vigu_from_wan(wan: WanPipeline, recipe: Recipe) -> UniViGUPipeline:
         text_temperature=sampling.text_temperature,
         text_order=sampling.text_order,
         generate_text=sampling.generate_text,
+        video_eta=sampling.video_eta,
     )
 
 

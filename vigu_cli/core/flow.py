@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.utils.torch_utils import randn_tensor
 
 from ..recipe import FlowSection
 
@@ -192,15 +193,38 @@ class FlowSolver:
     """Integrates whichever streams are not frozen from sigma = 1 to 0 (Euler or Heun), with
     classifier-free guidance on the prompt condition and a scale per stream. The streams take the same
     number of steps, each on its own time grid: `shift` for the video, `text_shift` (default: `shift`)
-    for the text."""
+    for the text. `video_eta` > 0 (Euler only) makes the video's steps stochastic (`video_step`)."""
 
-    def __init__(self, steps: int = 25, method: str = "euler", shift: float = 3.0, text_shift: Optional[float] = None):
+    def __init__(
+        self, steps: int = 25, method: str = "euler", shift: float = 3.0, text_shift: Optional[float] = None,
+        video_eta: float = 0.0,
+    ):
         if method not in ("euler", "heun"):
             raise ValueError(f"unknown solver '{method}': use euler or heun")
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        self.steps, self.method, self.shift = steps, method, shift
+        if not 0.0 <= video_eta <= 1.0:
+            raise ValueError(f"video_eta must be between 0 and 1, got {video_eta}")
+        if video_eta > 0 and method != "euler":
+            raise ValueError("video_eta needs the euler solver")
+        self.steps, self.method, self.shift, self.video_eta = steps, method, shift, video_eta
         self.text_shift = shift if text_shift is None else text_shift
+
+    def video_step(self, x: torch.Tensor, velocity: torch.Tensor, sigma, sigma_next, generator=None) -> torch.Tensor:
+        """One step of the video from `sigma` to `sigma_next`: Euler, or with `video_eta` > 0 DDIM's stochastic
+        step on the flow's path x = (1 - sigma) x0 + sigma eps. From the prediction's x0 = x - sigma v and eps =
+        x + (1 - sigma) v it lands on (1 - sigma_next) x0 + sqrt(sigma_next^2 - c^2) eps + c fresh, with c = eta
+        sigma_next sqrt(1 - ((1 - sigma) sigma_next / ((1 - sigma_next) sigma))^2): the share of fresh noise DDIM's
+        eta gives (eta 1: the DDPM posterior's), which keeps every step on the path's marginals and shrinks with
+        the step, so more steps converge rather than add noise. eta 0 is the Euler step. Fresh noise is drawn
+        with each sample's own generator (diffusers' `randn_tensor`), so a seed gives the same clip in any batch."""
+        if self.video_eta == 0 or sigma_next == 0:
+            return x + (sigma_next - sigma) * velocity
+        data, noise = x - sigma * velocity, x + (1 - sigma) * velocity
+        kept = (1 - sigma) * sigma_next / ((1 - sigma_next) * sigma)
+        fresh_std = self.video_eta * sigma_next * torch.sqrt(torch.clamp(1 - kept**2, min=0.0))
+        fresh = randn_tensor(tuple(x.shape), generator=generator, device=x.device, dtype=x.dtype)
+        return (1 - sigma_next) * data + torch.sqrt(sigma_next**2 - fresh_std**2) * noise + fresh_std * fresh
 
     def __call__(
         self,
@@ -251,7 +275,7 @@ class FlowSolver:
         for i in range(self.steps):
             dt_v, dt_t = sigmas_v[i + 1] - sigmas_v[i], sigmas_t[i + 1] - sigmas_t[i]
             d_v, d_t = predict(x_v, x_t, i)
-            new_v = x_v + dt_v * d_v if flows_v else x_v
+            new_v = self.video_step(x_v, d_v, sigmas_v[i], sigmas_v[i + 1], generator) if flows_v else x_v
             if flows_t:
                 new_t = text_flow.step(x_t, d_t, sigmas_t[i], sigmas_t[i + 1], generator, text_temperature, text_order)
             else:

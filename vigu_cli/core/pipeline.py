@@ -44,6 +44,7 @@ class UniViGUPipelineOutput(BaseOutput):
 # The solver settings a call may override (`sampling_settings`); every other one comes from the model.
 SAMPLING_SETTINGS = (
     "steps", "solver", "shift", "guidance_video", "guidance_text", "text_shift", "text_temperature", "text_order",
+    "video_eta",
 )
 
 
@@ -77,6 +78,7 @@ class UniViGUPipeline(WanPipeline):
         text_temperature: float = 1.0,
         text_order: str = "random",
         generate_text: str = "prompt",
+        video_eta: float = 0.0,
     ):
         super().__init__(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer)
         # WanPipeline's Wan2.2 options are not ours: keep them out of model_index.json
@@ -104,6 +106,7 @@ class UniViGUPipeline(WanPipeline):
             text_temperature=text_temperature,
             text_order=text_order,
             generate_text=generate_text,
+            video_eta=video_eta,
         )
 
     # ------------------------------------------------------------------------------------------------
@@ -201,7 +204,7 @@ class UniViGUPipeline(WanPipeline):
         merged = dict(
             steps=cfg.steps, solver=cfg.solver, shift=self.scheduler.config.shift,
             guidance_video=cfg.guidance_video, guidance_text=cfg.guidance_text, text_shift=cfg.text_shift,
-            text_temperature=cfg.text_temperature, text_order=cfg.text_order,
+            text_temperature=cfg.text_temperature, text_order=cfg.text_order, video_eta=cfg.video_eta,
         )
         merged.update({k: v for k, v in overrides.items() if v is not None})
         if merged["text_shift"] is None:  # the text stream walks the video's grid
@@ -214,7 +217,7 @@ class UniViGUPipeline(WanPipeline):
         condition = self.encode_condition(prompts, device)
         guided = s["guidance_video"] > 1.0 or s["guidance_text"] > 1.0
         uncondition = self.encode_condition([""] * len(prompts), device) if guided and any(prompts) else None
-        solver = FlowSolver(s["steps"], s["solver"], s["shift"], s["text_shift"])
+        solver = FlowSolver(s["steps"], s["solver"], s["shift"], s["text_shift"], s["video_eta"])
         # a video that flows and does not read the text predicts the same without it
         one_way = video is not None and not video.frozen and not self.transformer.config.video_attends_text
         return solver(
