@@ -20,8 +20,11 @@ def test_wan_recipes_carry_the_real_architectures():
 
 
 def test_override_is_type_checked_and_applied():
-    recipe = load_recipe("world-tiny", ["sampling.steps=7", "flow.lambda_text=2", "sampling.solver=heun"])
+    recipe = load_recipe("world-tiny", ["sampling.steps=7", "flow.lambda_text=2", "sampling.solver=heun",
+                                        "sampling.video_eta=0"])
     assert recipe.sampling.steps == 7 and recipe.sampling.solver == "heun"
+    with pytest.raises(RecipeError, match="sampling.video_eta is for the euler solver: set sampling.video_eta=0"):
+        load_recipe("world-tiny", ["sampling.solver=heun"])  # world-tiny samples with the stochastic step
     assert recipe.flow.lambda_text == 2.0
     assert load_recipe("world-tiny", ["train.recall.learning_rate=3e-4"]).train.recall.learning_rate == 3e-4
     assert load_recipe("world-tiny", ["model.transformer.patch_size=[1,2,2]"]).model.transformer.patch_size == [1, 2, 2]

@@ -85,7 +85,8 @@ def test_generate_writes_an_mp4_and_a_sidecar_per_prompt(vigu, model_dir, tmp_pa
     out = tmp_path / "gen"
     (tmp_path / "prompts.txt").write_text(f"\n{PROMPTS[1]}\n\n")  # arguments first, then the file's lines
     run = vigu("generate", PROMPTS[0], "--prompts-file", tmp_path / "prompts.txt", "--model", model_dir, "--out", out,
-               "--batch", "2", "--seed", "7", "--steps", "3", "--solver", "heun", "--guidance-video", "2.5")
+               "--batch", "2", "--seed", "7", "--steps", "3", "--solver", "heun", "--video-eta", "0",
+               "--guidance-video", "2.5")
     assert run.code == 0, run.stderr
     names = ["000-a-red-circle-moving-left", "001-a-blue-square-staying-still"]
     assert run.lines == [str(out / f"{name}.mp4") for name in names]
@@ -101,7 +102,7 @@ def test_generate_writes_an_mp4_and_a_sidecar_per_prompt(vigu, model_dir, tmp_pa
     assert no_temporary_files(out)
 
     plain = vigu("generate", PROMPTS[0], "--model", model_dir, "--out", tmp_path / "plain", "--seed", "7", "--steps", "3",
-                 "--solver", "heun", "--guidance-video", "2.5", "--text-stream", "none", "--json")
+                 "--solver", "heun", "--video-eta", "0", "--guidance-video", "2.5", "--text-stream", "none", "--json")
     record = json.loads(plain.stdout)
     assert record["text_stream"] == "none"  # plain Wan: no text tokens, so another video from the same noise
     assert not np.array_equal(read_video(record["video"]), read_video(out / f"{names[0]}.mp4"))
@@ -269,7 +270,11 @@ BAD = {
     "video eta out of range": (["generate", "a red circle moving left", "--video-eta", "2"],
                                "error: --video-eta must be between 0 (the deterministic flow) and 1, got 2.0"),
     "video eta with heun": (["joint", "a red circle moving left", "--video-eta", "0.5", "--solver", "heun"],
-                            "error: --video-eta needs --solver euler (a stochastic step has no Heun correction)"),
+                            "error: --solver heun: the video's stochastic step (video_eta 0.5) is an Euler step; add "
+                            "--video-eta 0 or use --solver euler"),
+    "heun with the model's video eta": (["generate", "a red circle moving left", "--solver", "heun"],
+                                        "error: --solver heun: the video's stochastic step (video_eta 1.0, the model "
+                                        "default) is an Euler step; add --video-eta 0 or use --solver euler"),
     "zero batch": (["generate", "a red circle moving left", "--batch", "0"], "error: --batch must be at least 1, got 0"),
     "out of vocabulary": (["joint", "a red circle moving left", "a cat surfing"],
                           "error: the model's vocabulary has no words 'cat', 'surfing' (in \"a cat surfing\"): it knows "

@@ -293,6 +293,11 @@ def load_recipe(name_or_path: str | Path = "world-tiny", overrides: list[str] | 
     if text.video_keys == "text" and (text.attention != "own" or text.video_attends_text):
         raise RecipeError("text.video_keys: text needs text.attention: own and text.video_attends_text: false "
                           "(the video's queries keep the video's keys)")
+    sampling = recipe.sampling
+    if not 0 <= sampling.video_eta <= 1:
+        raise RecipeError(f"sampling.video_eta must be between 0 and 1, got {sampling.video_eta}")
+    if sampling.solver == "heun" and sampling.video_eta > 0:
+        raise RecipeError("sampling.video_eta is for the euler solver: set sampling.video_eta=0 with sampling.solver=heun")
     return recipe
 
 

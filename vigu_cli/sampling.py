@@ -73,8 +73,6 @@ class SamplingOptions:
             raise VigUError(f"--text-temperature must be at least 0 (0: the most likely token), got {self.text_temperature}")
         if self.video_eta is not None and not 0 <= self.video_eta <= 1:
             raise VigUError(f"--video-eta must be between 0 (the deterministic flow) and 1, got {self.video_eta}")
-        if self.video_eta and self.solver == "heun":
-            raise VigUError("--video-eta needs --solver euler (a stochastic step has no Heun correction)")
         resolve_device(self.device)
         self.model = self.model or DEFAULT_MODEL
 
@@ -134,6 +132,11 @@ def load_model(options: SamplingOptions) -> UniViGUPipeline:
         if getattr(options, name) not in (None, inert) and pipe.text_flow.continuous:
             raise VigUError(f"{flag(name)}: {options.model} uses the {pipe.text_flow.name} text flow, "
                             "which draws no tokens (the option is for the discrete flow); leave it out")
+    settings = pipe.sampling_settings(**options.overrides())
+    if settings["solver"] == "heun" and settings["video_eta"] > 0:
+        raise VigUError(f"--solver heun: the video's stochastic step (video_eta {settings['video_eta']}"
+                        f"{'' if options.video_eta else ', the model default'}) is an Euler step; add --video-eta 0 "
+                        "or use --solver euler")
     return pipe.to(device)
 
 

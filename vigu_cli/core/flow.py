@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
@@ -216,8 +217,9 @@ class FlowSolver:
         x + (1 - sigma) v it lands on (1 - sigma_next) x0 + sqrt(sigma_next^2 - c^2) eps + c fresh, with c = eta
         sigma_next sqrt(1 - ((1 - sigma) sigma_next / ((1 - sigma_next) sigma))^2): the share of fresh noise DDIM's
         eta gives (eta 1: the DDPM posterior's), which keeps every step on the path's marginals and shrinks with
-        the step, so more steps converge rather than add noise. eta 0 is the Euler step. Fresh noise is drawn
-        with each sample's own generator (diffusers' `randn_tensor`), so a seed gives the same clip in any batch."""
+        the step, so more steps converge rather than add noise. eta 0 is the Euler step. `generator`: as
+        diffusers' `randn_tensor` takes it (the solver passes `video_noise_generators`, one per sample, so a seed
+        gives the same clip in any batch)."""
         if self.video_eta == 0 or sigma_next == 0:
             return x + (sigma_next - sigma) * velocity
         data, noise = x - sigma * velocity, x + (1 - sigma) * velocity
@@ -272,10 +274,11 @@ class FlowSolver:
         x_t = text.x if text is not None else None
         flows_v = video is not None and not video.frozen
         flows_t = text is not None and not text.frozen
+        video_generator = video_noise_generators(generator) if flows_v and self.video_eta > 0 else None
         for i in range(self.steps):
             dt_v, dt_t = sigmas_v[i + 1] - sigmas_v[i], sigmas_t[i + 1] - sigmas_t[i]
             d_v, d_t = predict(x_v, x_t, i)
-            new_v = self.video_step(x_v, d_v, sigmas_v[i], sigmas_v[i + 1], generator) if flows_v else x_v
+            new_v = self.video_step(x_v, d_v, sigmas_v[i], sigmas_v[i + 1], video_generator) if flows_v else x_v
             if flows_t:
                 new_t = text_flow.step(x_t, d_t, sigmas_t[i], sigmas_t[i + 1], generator, text_temperature, text_order)
             else:
@@ -290,6 +293,20 @@ class FlowSolver:
             if callback is not None:
                 callback(i + 1, self.steps)
         return x_v, x_t
+
+
+def video_noise_generators(generator):
+    """Generators of the video's fresh noise (`video_eta`), one per given generator, seeded from its seed: what the
+    text stream draws does not move them, so a video that does not read the text is the same clip in `joint` as in
+    `generate`. None: the global generator."""
+    if generator is None:
+        return None
+    own = lambda g: torch.Generator(g.device).manual_seed(  # noqa: E731
+        int(np.random.SeedSequence([g.initial_seed(), VIDEO_NOISE_KEY]).generate_state(1, np.uint64)[0]))
+    return [own(g) for g in generator] if isinstance(generator, list) else own(generator)
+
+
+VIDEO_NOISE_KEY = 0x7E5A  # mixes a sample's seed into the seed of its video noise generator
 
 
 def _guide(cond: Optional[torch.Tensor], uncond: Optional[torch.Tensor], scale: float) -> Optional[torch.Tensor]:
