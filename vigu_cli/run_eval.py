@@ -119,7 +119,8 @@ def run_eval(
     pipe = load_model(options)
     items, source = eval_set(pipe, data, count, options.seed)
     prompts, references = [item.prompt for item in items], [item.references for item in items]
-    judged = all(item.truth is not None for item in items)
+    truths = [item.truth for item in items]
+    judged = all(truth is not None for truth in truths)
     prompted = all(None not in world.parse_prompt(p).values() for p in prompts)
     if prompted or hint:
         check_vocabulary(pipe, prompts)
@@ -147,10 +148,10 @@ def run_eval(
             if shared_video:
                 outputs["generate"] = outputs["joint"]
             captions, joint = outputs["caption"]["texts"], outputs.get("joint")
-            row["caption"] = evaluate.caption_accuracy(captions, [item.truth for item in items]) if judged else None
+            row["caption"] = evaluate.caption_accuracy(captions, truths) if judged else None
             row["text"] = evaluate.text_scores(captions, references)
             row["generation"] = evaluate.prompt_following(outputs["generate"]["measured"], prompts) if prompted else None
-            row["generation_draws"] = (evaluate.draw_gap(outputs["generate"]["measured"], [item.truth for item in items])
+            row["generation_draws"] = (evaluate.draw_gap(outputs["generate"]["measured"], truths)
                                        if prompted and judged else None)
             row["joint"] = evaluate.caption_coherence(joint["measured"], joint["texts"]) if prompted else None
             report["results"].append(row)

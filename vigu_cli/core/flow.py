@@ -295,6 +295,9 @@ class FlowSolver:
         return x_v, x_t
 
 
+VIDEO_NOISE_KEY = 0x7E5A  # mixes a sample's seed into the seed of its video noise generator
+
+
 def video_noise_generators(generator):
     """Generators of the video's fresh noise (`video_eta`), one per given generator, seeded from its seed: what the
     text stream draws does not move them, so a video that does not read the text is the same clip in `joint` as in
@@ -304,9 +307,6 @@ def video_noise_generators(generator):
     own = lambda g: torch.Generator(g.device).manual_seed(  # noqa: E731
         int(np.random.SeedSequence([g.initial_seed(), VIDEO_NOISE_KEY]).generate_state(1, np.uint64)[0]))
     return [own(g) for g in generator] if isinstance(generator, list) else own(generator)
-
-
-VIDEO_NOISE_KEY = 0x7E5A  # mixes a sample's seed into the seed of its video noise generator
 
 
 def _guide(cond: Optional[torch.Tensor], uncond: Optional[torch.Tensor], scale: float) -> Optional[torch.Tensor]:
