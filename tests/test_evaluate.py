@@ -104,6 +104,15 @@ def test_caption_accuracy_per_attribute_macro_and_hidden():
     assert scores["hidden"] == pytest.approx((1.0 + 0.0 + 0.5 + 1.0) / 4)  # size, speed, background, start
 
 
+def test_prompt_accuracy_scores_a_recall_models_prompts_by_the_prompt_parser():
+    said = ["a red circle moving left", "a blue square staying still", "A large red circle moves left."]
+    prompts = ["a red circle moving left", "a blue triangle moving up", "a red circle moving left"]
+    scores = evaluate.prompt_accuracy(said, prompts)
+    # the third is a caption: the prompt parser reads its "red circle" but finds no "moving left" in it
+    assert scores == {"shape": pytest.approx(2 / 3), "color": 1.0, "motion": pytest.approx(1 / 3),
+                      "macro": pytest.approx(2 / 3)}
+
+
 def test_joint_coherence_counts_what_the_clip_does_not_show_as_wrong():
     measured = [
         {"shape": "circle", "color": "red", "background": "gray", "size": "large", "motion": "left", "speed": "fast",

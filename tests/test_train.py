@@ -232,6 +232,8 @@ def test_resuming_a_finished_run_keeps_one_line_per_validation(tiny_data, tmp_pa
     train(recipe_for(tiny_data, tmp_path, *extra), "recall")
     log = tmp_path / "recall" / "validation.jsonl"
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [2, 4]
+    # recall's text target is the prompt: what the model says of a clip is scored as a prompt
+    assert set(json.loads(log.read_text().splitlines()[0])["caption"]) == {"shape", "color", "motion", "macro"}
     train(recipe_for(tiny_data, tmp_path, *extra), "recall", resume=True)  # validates and saves again
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [2, 4]
 

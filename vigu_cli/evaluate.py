@@ -50,6 +50,12 @@ def caption_accuracy(captions: list[str], truths: list[dict]) -> dict[str, float
     return attribute_accuracy((world.parse_caption(c) for c in captions), truths, world.ATTRIBUTES)
 
 
+def prompt_accuracy(texts: list[str], prompts: list[str]) -> dict[str, float]:
+    """Brief prompts said of clips (what a `recall` model writes, its text target being the prompt) against the
+    clips' prompts: shape, colour and motion by the prompt parser."""
+    return attribute_accuracy((world.parse_prompt(t) for t in texts), (world.parse_prompt(p) for p in prompts), PROMPTED)
+
+
 def generation_accuracy(videos: Iterable[np.ndarray], prompts: list[str]) -> dict[str, float]:
     return prompt_following((world.measure_video(v) for v in videos), prompts)
 

@@ -41,7 +41,7 @@ from .data.manifest import MANIFEST, is_validation, read_lines
 from .data.video_io import write_video
 from .errors import VigUError
 from .precision import default_device, fast_bfloat16
-from .evaluate import caption_accuracy, generation_accuracy
+from .evaluate import caption_accuracy, generation_accuracy, prompt_accuracy
 from .data import world
 from .recipe import Recipe, StageSection
 
@@ -387,11 +387,11 @@ def validate(accelerator, pipe, core, recipe: Recipe, stage: StageSection, data:
         clips = pipe.decode_latents(latents.to(accelerator.device))
         generator = torch.Generator(device=accelerator.device).manual_seed(stage.seed)
         record = {"step": step}
-        if stage.text_target != "none":
-            texts = pipe.caption(clips, generator=generator, steps=stage.val_steps).texts
-            truth = [world.parse_caption(line.caption) for line in held_out]
-            record["caption"] = caption_accuracy(texts, truth)
         prompts = [line.prompt for line in held_out]
+        if stage.text_target != "none":  # what the text stream says of the clip: its prompt in recall, else a caption
+            texts = pipe.caption(clips, generator=generator, steps=stage.val_steps).texts
+            record["caption"] = prompt_accuracy(texts, prompts) if stage.text_target == "prompt" else caption_accuracy(
+                texts, [world.parse_caption(line.caption) for line in held_out])
         text_stream = "none" if stage.text_target == "none" else None
         videos = pipe.generate(prompts, generator=generator, steps=stage.val_steps, text_stream=text_stream).videos
         record["generation"] = generation_accuracy(videos, prompts)
