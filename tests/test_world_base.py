@@ -1,5 +1,5 @@
-"""`make world-base` (scripts/world_base.sh), shrunk: both phases run, a second run reuses them, and the result
-is exported as a stock diffusers folder."""
+"""`make world-base` (scripts/world_base.sh), shrunk: the three phases run, a second run reuses them, and the
+result is exported as a stock diffusers folder."""
 
 import json
 import os
@@ -15,13 +15,15 @@ from conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 SHRUNK = [*TINY, "data.val_every=4", "data.shard_size=16", "train.base.batch_size=4", "train.base.checkpoint_every=1",
-          "train.base.log_every=1", "train.base.warmup_steps=0", "train.base.validate_every=0", "train.base.val_items=2"]
+          "train.base.log_every=1", "train.base.warmup_steps=0", "train.base.validate_every=0", "train.base.val_items=2",
+          "train.base.compile=false"]
 
 
-def test_world_base_script_trains_both_phases_and_exports_a_stock_wan_folder(tmp_path):
+def test_world_base_script_trains_three_phases_and_exports_a_stock_wan_folder(tmp_path):
     work, asset = tmp_path / "work", tmp_path / "asset"
     env = {**os.environ, "VIGU": f"{sys.executable} -m vigu_cli", "PYTHON": sys.executable, "WORK": str(work),
-           "ASSET": str(asset), "ITEMS": "32", "STABLE_STEPS": "2", "TOTAL_STEPS": "4", "BASE_SET": " ".join(SHRUNK),
+           "ASSET": str(asset), "ITEMS": "32", "STABLE_STEPS": "2", "TOTAL_STEPS": "4",
+           "SECOND_STEPS": "2", "BASE_SET": " ".join(SHRUNK),
            "OMP_NUM_THREADS": "1"}
     done = subprocess.run(["bash", "scripts/world_base.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -30,12 +32,17 @@ def test_world_base_script_trains_both_phases_and_exports_a_stock_wan_folder(tmp
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     assert rows[0]["lr"] == rows[1]["lr"] and rows[3]["lr"] < rows[2]["lr"]
     assert (asset / "validation.jsonl").is_file()
+    # phase 3, a second pass from phase 2's model on new clips, with its own cosine schedule from the start
+    second = [json.loads(line) for line in (asset / "metrics-second-pass.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in second] == [1, 2] and second[1]["lr"] < second[0]["lr"]
+    first_clips = json.loads((work / "data" / "dataset.json").read_text())["settings"]["data"]["seed"]
+    assert json.loads((work / "second-pass" / "data" / "dataset.json").read_text())["settings"]["data"]["seed"] != first_clips
     exported = WanPipeline.from_pretrained(asset)  # a stock diffusers folder
-    weights = work / "base" / "model" / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights = work / "second-pass" / "base" / "model" / "transformer" / "diffusion_pytorch_model.safetensors"
     trained, saved = load_file(weights), weights.stat().st_mtime_ns
     for name, param in exported.transformer.state_dict().items():
         assert torch.equal(param, trained[name]), name
-    # a second run reuses both finished phases: no training run saves the model again
+    # a second run reuses the finished phases: no training run saves the model again
     again = subprocess.run(["bash", "scripts/world_base.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert weights.stat().st_mtime_ns == saved and (asset / "metrics.jsonl").is_file()
