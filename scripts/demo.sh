@@ -16,6 +16,9 @@
 #   DEMO_EVAL_ITEMS, DEMO_EVAL_STEPS   vigu eval's --items (default 200) and --steps (default: the model's)
 #   DEMO_DTYPE  the sampling commands' and vigu eval's --dtype (default auto: bfloat16 where it is fast,
 #               on CUDA or a CPU with AMX / AVX512-BF16, else float32; README)
+#   DEMO_PROCS  training processes (default 2 where the machine has 2 cores or more, else 1): CPU data
+#               parallel through torchrun (gloo), the cores shared out as threads, each process taking its
+#               share of the recipe's batch, so a step trains on the same number of samples (README)
 set -euo pipefail
 
 read -r -a VIGU <<< "${VIGU:-vigu}"
@@ -23,6 +26,8 @@ PYTHON=${PYTHON:-python3}
 DIR=${DEMO_DIR:-runs/demo}
 RECIPE=world-tiny
 read -r -a OVERRIDES <<< "${DEMO_SET:-}"
+CORES=$(nproc)
+PROCS=${DEMO_PROCS:-$(( CORES >= 2 ? 2 : 1 ))}
 SAMPLE_ARGS=(--model "$DIR/model" --dtype "${DEMO_DTYPE:-auto}")
 EVAL_ARGS=(--items "${DEMO_EVAL_ITEMS:-200}")
 if [[ -n ${DEMO_EVAL_STEPS:-} ]]; then EVAL_ARGS+=(--steps "$DEMO_EVAL_STEPS"); fi
@@ -50,9 +55,29 @@ build() {  # an interrupted build resumes by itself
     "${VIGU[@]}" build-dataset --recipe "$RECIPE" --out "$DIR/data" "${OVERRIDES[@]}"
 }
 
+process_batch() {  # process_batch STAGE: the stage's batch (DEMO_SET applied) split over $PROCS processes
+    "$PYTHON" - "$RECIPE" "$1" "$PROCS" "${OVERRIDES[@]}" <<'PY'
+import sys
+from vigu_cli.recipe import load_recipe
+recipe, stage, procs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+batch = getattr(load_recipe(recipe, [a for a in sys.argv[4:] if a != "--set"]).train, stage).batch_size
+if batch % procs:
+    sys.exit(f"train.{stage}.batch_size={batch} does not split over DEMO_PROCS={procs} processes: set DEMO_PROCS to a divisor")
+print(batch // procs)
+PY
+}
+
 train() {  # train STAGE: --resume continues from the last checkpoint, or starts when there is none
-    "${VIGU[@]}" train --recipe "$RECIPE" --stage "$1" --resume --set "train.output_dir=$DIR" \
-        --set "train.dataset=$DIR/data" "${OVERRIDES[@]}"
+    local args=(train --recipe "$RECIPE" --stage "$1" --resume --set "train.output_dir=$DIR" --set "train.dataset=$DIR/data")
+    if (( PROCS == 1 )); then
+        "${VIGU[@]}" "${args[@]}" "${OVERRIDES[@]}"
+    else
+        local batch
+        batch=$(process_batch "$1")
+        OMP_NUM_THREADS=$(( CORES / PROCS > 0 ? CORES / PROCS : 1 )) "$PYTHON" -m torch.distributed.run \
+            --standalone --nproc_per_node "$PROCS" -m vigu_cli "${args[@]}" "${OVERRIDES[@]}" \
+            --set "train.$1.batch_size=$batch"
+    fi
 }
 
 install_model() {  # the refine model becomes $DIR/model: a copy renamed into place
