@@ -28,7 +28,8 @@ read -r -a OVERRIDES <<< "${BASE_SET:-}"
 recipe() { ARGS=(--recipe world-tiny --set model.base=world); local item; for item in "$@" "${OVERRIDES[@]}"; do ARGS+=(--set "$item"); done; }
 last_step() { { echo 0; ls "$1/base/checkpoints" 2>/dev/null | sed 's/step-0*//'; } | sort -n | tail -1; }
 
-recipe data.num_items="$ITEMS" data.shard_size=512 data.val_every=128 data.keep_videos=false data.latents_dtype=bfloat16
+DATA=(data.num_items="$ITEMS" data.shard_size=512 data.val_every=128 data.keep_videos=false)  # both datasets
+recipe "${DATA[@]}" data.latents_dtype=bfloat16
 "${VIGU[@]}" build-dataset "${ARGS[@]}" --out "$WORK/data"
 STABLE=${STABLE_STEPS:-$("$PYTHON" -c "from vigu_cli.recipe import load_recipe; print(load_recipe('world-tiny').train.base.max_steps)")}
 TRAIN=(train.output_dir="$WORK" train.dataset="$WORK/data")
@@ -37,7 +38,7 @@ if (( $(last_step "$WORK") < STABLE )); then "${VIGU[@]}" train --stage base --r
 recipe "${TRAIN[@]}" train.base.max_steps="$TOTAL_STEPS" train.base.lr_scheduler=cosine  # phase 2: cosine decay
 if (( $(last_step "$WORK") < TOTAL_STEPS )); then "${VIGU[@]}" train --stage base --resume "${ARGS[@]}"; fi
 SECOND=$WORK/second-pass  # phase 3: new clips, more training at high noise
-recipe data.num_items="$ITEMS" data.seed=1 data.shard_size=512 data.val_every=128 data.keep_videos=false
+recipe "${DATA[@]}" data.seed=1
 "${VIGU[@]}" build-dataset "${ARGS[@]}" --out "$SECOND/data"
 recipe train.output_dir="$SECOND" train.dataset="$SECOND/data" train.base.init="$WORK/base/model" \
     flow.tau_sampling=logit_normal flow.logit_mean=1.0 train.base.learning_rate=3e-4 train.base.lr_scheduler=cosine \
