@@ -10,10 +10,12 @@
 #    (logit-normal tau centred on sigma 0.73 instead of 0.5), lr 3e-4 by cosine to 0 over $SECOND_STEPS,
 # 4. export the result as a stock diffusers WanPipeline folder to $ASSET, with the logs of both runs.
 # Each step resumes. Phases 1-2 took about 2 h 10 min on one core of a 2-core CPU with AMX (1 s/step at batch
-# 16, bf16), phase 3 about 45 min on one core of a 2-core AVX2 CPU (2 s/step, float32); one GPU does it all in
-# minutes. Environment: VIGU, PYTHON (the Python that has vigu), WORK (default runs/world-base), ASSET (default
-# the package's), ITEMS (clips per dataset, 8192), STABLE_STEPS (default the recipe's train.base.max_steps,
-# 3500), TOTAL_STEPS (7500), SECOND_STEPS (1200), BASE_SET (recipe overrides `key=value ...`, applied last).
+# 16, bf16), phase 3 about 42 min on a 2-core AVX2 CPU as two processes of batch 8 (1.05 s/step, float32:
+# VIGU="python -m torch.distributed.run --standalone --nproc_per_node 2 -m vigu_cli" BASE_SET="train.base.batch_size=8",
+# the same global batch of 16); one GPU does it all in minutes. Environment: VIGU, PYTHON (the Python that has
+# vigu), WORK (default runs/world-base), ASSET (default the package's), ITEMS (clips per dataset, 8192),
+# STABLE_STEPS (default the recipe's train.base.max_steps, 3500), TOTAL_STEPS (7500), SECOND_STEPS (2400),
+# BASE_SET (recipe overrides `key=value ...`, applied last).
 set -euo pipefail
 
 read -r -a VIGU <<< "${VIGU:-vigu}"
@@ -22,7 +24,7 @@ WORK=${WORK:-runs/world-base}
 ASSET=${ASSET:-vigu_cli/assets/world-wan2.1}
 ITEMS=${ITEMS:-8192}
 TOTAL_STEPS=${TOTAL_STEPS:-7500}
-SECOND_STEPS=${SECOND_STEPS:-1200}
+SECOND_STEPS=${SECOND_STEPS:-2400}
 read -r -a OVERRIDES <<< "${BASE_SET:-}"
 # recipe KEY=VALUE...: ARGS = the recipe options of a command, BASE_SET's overrides last
 recipe() { ARGS=(--recipe world-tiny --set model.base=world); local item; for item in "$@" "${OVERRIDES[@]}"; do ARGS+=(--set "$item"); done; }
