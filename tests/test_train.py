@@ -127,6 +127,18 @@ def test_a_video_whose_loss_trains_nothing_is_not_predicted_and_the_text_trains_
         torch.testing.assert_close(tensor, weights(full.parent)[name], atol=1e-5, rtol=1e-4)
 
 
+def test_a_one_way_text_step_trains_under_bf16_mixed_precision(tiny_data, tmp_path):
+    """world-tiny's recall and refine under `auto` precision on a bf16 machine (CUDA, AMX or AVX512-BF16 CPUs):
+    Accelerate's autocast wrapper converts the outputs to float32 and rebuilds them, and the video's prediction
+    is absent; the step must read the text's prediction and train it."""
+    one_way = ("train.recall.trainable=text", "train.recall.max_steps=2", "text.video_attends_text=false",
+               "train.recall.mixed_precision=bf16")
+    out = train(recipe_for(tiny_data, tmp_path, *one_way), "recall")
+    rows = metrics(out.parent / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [1, 2]
+    assert all(row["loss_video"] is None and 0 < row["loss_text"] < float("inf") for row in rows)
+
+
 def test_text_learning_rate_sets_the_rate_of_the_new_text_parameters(tiny_data, tmp_path):
     """A text rate of 0 freezes exactly the new text parameters; the shared and video ones still move."""
     out = train(recipe_for(tiny_data, tmp_path, "train.recall.trainable=full", "train.recall.text_learning_rate=0",

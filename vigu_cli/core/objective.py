@@ -50,17 +50,19 @@ def unified_objective(
         sample = text_flow.sample_noisy(core, text_ids, sigma_t, generator, batch_slice)
         x_t = sample.x
 
-    out = model(
+    # a tuple, not the output dataclass: Accelerate's mixed-precision wrapper rebuilds a mapping output from its
+    # non-None fields, and a UniViGUTransformerOutput rebuilt without `sample` (a one-way video) reads it back wrong
+    prediction_v, prediction_t = model(
         hidden_states=x_v,
         timestep=sigma_to_timestep(sigma_v) if x_v is not None else None,
         encoder_hidden_states=condition,
         text_states=x_t,
         timestep_text=sigma_to_timestep(sigma_t) if x_t is not None else None,
-        return_dict=True,
+        return_dict=False,
         video_prediction=video_prediction,
     )
-    video_loss = per_sample_mse(out.sample, target_v) if out.sample is not None else None
-    text_loss = text_flow.loss(core, out.text_sample, sample, text_ids, sigma_t) if x_t is not None else None
+    video_loss = per_sample_mse(prediction_v, target_v) if prediction_v is not None else None
+    text_loss = text_flow.loss(core, prediction_t, sample, text_ids, sigma_t) if x_t is not None else None
     num_video = math.prod(video_latents.shape[2:]) // math.prod(core.config.patch_size) if x_v is not None else 0
     num_text = text_ids.shape[1] if x_t is not None else 0
     return unified_loss(
