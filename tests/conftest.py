@@ -20,8 +20,9 @@ TINY = [
     "flow.tau_sampling=uniform", "flow.corner_prob=0.0",
     "text.video_attends_text=true", "text.video_keys=video",  # the paper's attention (world-tiny's video does not
                                                               # read the text, which reads it with its own keys)
-    # fp32, so resume and multi-process runs compare exactly
+    # fp32 whatever `auto` means on this machine, so resume and multi-process runs compare exactly
     "train.base.mixed_precision=no", "train.recall.mixed_precision=no", "train.refine.mixed_precision=no",
+    "data.text_encoder_dtype=float32", "data.generator.dtype=float32",
     "train.recall.ema_decay=0", "train.refine.ema_decay=0",  # the trained weights themselves, unless a test asks
     "train.recall.compile=false", "train.refine.compile=false",  # eager: exact comparisons, no compile time
 ]

@@ -34,11 +34,13 @@ from vigu_cli.synth.prompts import plan_items
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-WORLD_ARGS = ["-n", "64", "--set", "data.shard_size=8"]  # the reference build, as CLI arguments
+# the reference build, as CLI arguments; the text encoder in float32 whatever `auto` means on this machine
+WORLD_ARGS = ["-n", "64", "--set", "data.shard_size=8", "--set", "data.text_encoder_dtype=float32"]
 
 
 def world_recipe(out, *extra):
-    return load_recipe("world-tiny", ["data.num_items=64", "data.shard_size=8", f"data.out={out}", *extra])
+    return load_recipe("world-tiny", ["data.num_items=64", "data.shard_size=8", "data.text_encoder_dtype=float32",
+                                      f"data.out={out}", *extra])
 
 
 def vigu(*args, **kwargs):

@@ -136,7 +136,7 @@ def test_text_sampling_options_reach_the_discrete_solver(vigu, tiny_wan_dir, cli
     captions = {}
     for temperature, order, text_shift in (("0", "random", "3"), ("1", "random", "3"), ("0", "confidence", "0.5")):
         run = vigu("caption", clip_path, "--model", model, "--seed", "3", "--text-temperature", temperature,
-                   "--text-order", order, "--text-shift", text_shift, "--json")
+                   "--text-order", order, "--text-shift", text_shift, "--json", *FLOAT32)
         record = json.loads(run.stdout)
         assert (record["text_temperature"], record["text_order"], record["text_shift"]) == (
             float(temperature), order, float(text_shift))

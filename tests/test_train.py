@@ -127,7 +127,17 @@ def test_a_video_whose_loss_trains_nothing_is_not_predicted_and_the_text_trains_
         torch.testing.assert_close(tensor, weights(full.parent)[name], atol=1e-5, rtol=1e-4)
 
 
-def test_a_one_way_text_step_trains_under_bf16_mixed_precision(tiny_data, tmp_path):
+@pytest.fixture
+def fresh_accelerator_state():
+    """Accelerate keeps one process-wide state, set by the first `Accelerator` (float32 in the other tests)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_a_one_way_text_step_trains_under_bf16_mixed_precision(tiny_data, tmp_path, fresh_accelerator_state):
     """world-tiny's recall and refine under `auto` precision on a bf16 machine (CUDA, AMX or AVX512-BF16 CPUs):
     Accelerate's autocast wrapper converts the outputs to float32 and rebuilds them, and the video's prediction
     is absent; the step must read the text's prediction and train it."""
