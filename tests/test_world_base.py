@@ -1,4 +1,5 @@
-"""`make world-base` (scripts/world_base.sh), shrunk: the three phases run (two later passes in the third), a second run reuses them, and the
+"""`make world-base` (scripts/world_base.sh), shrunk: the three phases run (two later passes in the third), a
+second run reuses them, and the
 result is exported as a stock diffusers folder."""
 
 import json
