@@ -16,9 +16,10 @@
 #   DEMO_EVAL_ITEMS, DEMO_EVAL_STEPS   vigu eval's --items (default 200) and --steps (default: the model's)
 #   DEMO_DTYPE  the sampling commands' and vigu eval's --dtype (default auto: bfloat16 where it is fast,
 #               on CUDA or a CPU with AMX / AVX512-BF16, else float32; README)
-#   DEMO_PROCS  training processes (default 2 where the machine has 2 cores or more, else 1): CPU data
-#               parallel through torchrun (gloo), the cores shared out as threads, each process taking its
-#               share of the recipe's batch, so a step trains on the same number of samples (README)
+#   DEMO_PROCS  processes of build-dataset and training (default 2 where the machine has 2 cores or more,
+#               else 1): torchrun (gloo), the cores shared out as threads; build-dataset's processes build
+#               disjoint shards of the same dataset, training's take their share of the recipe's batch, so
+#               a step trains on the same number of samples (README)
 set -euo pipefail
 
 read -r -a VIGU <<< "${VIGU:-vigu}"
@@ -51,8 +52,17 @@ step() {  # step NAME DONE-FILE COMMAND...: COMMAND unless DONE-FILE (its last o
 
 dataset_complete() { grep -q '"complete": true' "$DIR/data/dataset.json" 2>/dev/null; }
 
-build() {  # an interrupted build resumes by itself
-    "${VIGU[@]}" build-dataset --recipe "$RECIPE" --out "$DIR/data" "${OVERRIDES[@]}"
+launch() {  # launch ARGS...: `vigu ARGS` as one process, or as $PROCS under torchrun (gloo) sharing the cores
+    if (( PROCS == 1 )); then
+        "${VIGU[@]}" "$@"
+    else
+        OMP_NUM_THREADS=$(( CORES / PROCS > 0 ? CORES / PROCS : 1 )) "$PYTHON" -m torch.distributed.run \
+            --standalone --nproc_per_node "$PROCS" -m vigu_cli "$@"
+    fi
+}
+
+build() {  # an interrupted build resumes by itself; N processes build disjoint shards of the same dataset
+    launch build-dataset --recipe "$RECIPE" --out "$DIR/data" "${OVERRIDES[@]}"
 }
 
 process_batch() {  # process_batch STAGE: the stage's batch (DEMO_SET applied) split over $PROCS processes
@@ -68,16 +78,14 @@ PY
 }
 
 train() {  # train STAGE: --resume continues from the last checkpoint, or starts when there is none
-    local args=(train --recipe "$RECIPE" --stage "$1" --resume --set "train.output_dir=$DIR" --set "train.dataset=$DIR/data")
-    if (( PROCS == 1 )); then
-        "${VIGU[@]}" "${args[@]}" "${OVERRIDES[@]}"
-    else
+    local args=(train --recipe "$RECIPE" --stage "$1" --resume --set "train.output_dir=$DIR"
+                --set "train.dataset=$DIR/data" "${OVERRIDES[@]}")
+    if (( PROCS > 1 )); then
         local batch
         batch=$(process_batch "$1")
-        OMP_NUM_THREADS=$(( CORES / PROCS > 0 ? CORES / PROCS : 1 )) "$PYTHON" -m torch.distributed.run \
-            --standalone --nproc_per_node "$PROCS" -m vigu_cli "${args[@]}" "${OVERRIDES[@]}" \
-            --set "train.$1.batch_size=$batch"
+        args+=(--set "train.$1.batch_size=$batch")
     fi
+    launch "${args[@]}"
 }
 
 install_model() {  # the refine model becomes $DIR/model: a copy renamed into place

@@ -48,7 +48,10 @@ def features(
         latents = interpolate(latents, noise_v, sigma_v)
         video_tokens = latents[0, 0].numel() // int(np.prod(model.config.patch_size))
         attn, blocks = [], []
-        hooks = [b.attn1.register_forward_hook(lambda m, i, o: attn.append(o[:, video_tokens:])) for b in model.blocks]
+        # the text positions are an output's last `length` rows (a video that does not attend to the text has
+        # its own, video-only attention call first, which holds none)
+        keep = lambda m, i, o: o.shape[1] != video_tokens and attn.append(o[:, -length:])  # noqa: E731
+        hooks = [b.attn1.register_forward_hook(keep) for b in model.blocks]
         hooks += [b.register_forward_hook(lambda m, i, o: blocks.append(o[0])) for b in model.blocks]
         noise = torch.randint(0, vocab, (size, length), generator=torch.Generator().manual_seed(start))
         try:

@@ -187,6 +187,8 @@ class StageSection:
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 where fast (CUDA, AMX CPUs), else fp32
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the transformer's training forward (inductor); the first step compiles
+    cache_video: bool = False  # trainable: text on a video that does not read the text: what the text reads of each
+    # clean clip computed once, before the first step (video_cache.py; disk: items x 2 x blocks x tokens x dim)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10

@@ -14,6 +14,7 @@ processes equal one process with N times the batch.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -44,6 +45,7 @@ from .precision import default_device, fast_bfloat16
 from .evaluate import caption_accuracy, generation_accuracy, prompt_accuracy
 from .data import world
 from .recipe import Recipe, StageSection
+from .video_cache import VideoContextCache
 
 STAGES = ("base", "recall", "refine")
 
@@ -171,10 +173,13 @@ def step_generator(seed: int, step: int, micro: int, device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step * 1_009 + micro)
 
 
-def drop_condition(embeds: torch.Tensor, empty: torch.Tensor, p: float, generator, start: int, total: int) -> torch.Tensor:
-    """Replace each sample's prompt embeddings by the empty prompt's with probability p."""
+def drop_condition(
+    embeds: torch.Tensor, empty: torch.Tensor, p: float, generator, start: int, total: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace each sample's prompt embeddings by the empty prompt's with probability p; returns them and
+    which rows were dropped."""
     drop = (torch.rand(total, generator=generator, device=embeds.device) < p)[start : start + embeds.shape[0]]
-    return torch.where(drop[:, None, None], empty.to(embeds.dtype).expand_as(embeds), embeds)
+    return torch.where(drop[:, None, None], empty.to(embeds.dtype).expand_as(embeds), embeds), drop
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -253,6 +258,12 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
     text_flow = pipe.text_flow
     empty = dataset.empty_prompt_embeds.to(accelerator.device)
     video_prediction = video_loss_trains(core, stage)
+    cache = None
+    if stage.cache_video and video_prediction:  # a speed-up where it applies, not a reason to stop
+        accelerator.print(f"train.{stage_name}.cache_video: not used, as the video trains or reads the text (it needs "
+                          f"train.{stage_name}.trainable=text and text.video_attends_text=false)")
+    elif stage.cache_video:
+        cache = VideoContextCache.build(accelerator, core, dataset, empty, root / "video-cache", stage.batch_size)
 
     step = 0
     metrics_path = root / "metrics.jsonl"
@@ -283,12 +294,16 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
             for micro, batch in enumerate(batches):
                 started = time.perf_counter()
                 generator = step_generator(stage.seed, step, micro % stage.grad_accum, accelerator.device)
-                cond = drop_condition(batch["prompt_embeds"], empty, stage.cond_dropout, generator, rank_start, global_batch)
+                cond, dropped = drop_condition(
+                    batch["prompt_embeds"], empty, stage.cond_dropout, generator, rank_start, global_batch
+                )
+                context = functools.partial(cache.context, core, batch["id"], dropped) if cache else None
                 ids = None if stage.text_target == "none" else batch[f"{stage.text_target}_ids"]
                 with accelerator.accumulate(model), accelerator.autocast():
                     loss, parts = unified_objective(
                         model, text_flow, recipe.flow, batch["latents"].float(), ids, cond, generator, core=core,
                         batch_slice=(rank_start, global_batch), video_prediction=video_prediction,
+                        video_context=context,
                     )
                     if not torch.isfinite(loss):
                         last = checkpoints(root)
@@ -334,6 +349,8 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
         pipe.register_modules(transformer=final)
         save_folder(pipe, root / "model")
     accelerator.wait_for_everyone()
+    if cache is not None and accelerator.is_main_process:
+        shutil.rmtree(cache.folder)  # gigabytes, needed only to resume
     accelerator.end_training()
     return root / "model"
 

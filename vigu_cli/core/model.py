@@ -56,6 +56,10 @@ class VideoContext:
     rotary_emb: tuple[torch.Tensor, torch.Tensor]
 
 
+class _Read(Exception):
+    """Stops a stock forward once `video_context` has read the last block's attention input."""
+
+
 @dataclass
 class UniViGUTransformerOutput(BaseOutput):
     """`sample`: video prediction `[B, C, F, H, W]` (None without video); `text_sample`: text prediction,
@@ -433,10 +437,17 @@ class UniViGUTransformer(WanTransformer3DModel):
             raise ValueError("the video attends to the text (video_attends_text=True): it changes with the text, "
                              "so there is no video context to keep")
         tokens = []
-        hooks = [block.attn1.register_forward_pre_hook(lambda module, args: tokens.append(args[0]))
-                 for block in self.blocks]
+
+        def keep(module, args):
+            tokens.append(args[0])
+            if len(tokens) == len(self.blocks):
+                raise _Read  # the rest of the forward is not read
+
+        hooks = [block.attn1.register_forward_pre_hook(keep) for block in self.blocks]
         try:
             super().forward(hidden_states, timestep, encoder_hidden_states, return_dict=False)
+        except _Read:
+            pass
         finally:
             for hook in hooks:
                 hook.remove()

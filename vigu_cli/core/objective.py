@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from ..recipe import FlowSection
 from .flow import draw, interpolate, per_sample_mse, sample_sigmas, sigma_to_timestep, unified_loss, velocity_target
+from .model import VideoContext
 from .text import TextFlow
 
 
@@ -24,6 +25,7 @@ def unified_objective(
     core=None,
     batch_slice: Optional[tuple[int, int]] = None,
     video_prediction: bool = True,
+    video_context: Optional[Callable[..., VideoContext]] = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Noise both streams at independent sigmas, predict, and return the unified loss and its parts.
 
@@ -50,16 +52,23 @@ def unified_objective(
         sample = text_flow.sample_noisy(core, text_ids, sigma_t, generator, batch_slice)
         x_t = sample.x
 
+    timestep_v = sigma_to_timestep(sigma_v) if x_v is not None else None
+    context = None
+    if video_context is not None and x_v is not None:
+        if video_prediction:
+            raise ValueError("a video context predicts no video: pass video_prediction=False with it")
+        context = video_context(x_v, timestep_v, condition, sigma_v == 0)
     # a tuple, not the output dataclass: Accelerate's mixed-precision wrapper rebuilds a mapping output from its
     # non-None fields, and a UniViGUTransformerOutput rebuilt without `sample` (a one-way video) reads it back wrong
     prediction_v, prediction_t = model(
-        hidden_states=x_v,
-        timestep=sigma_to_timestep(sigma_v) if x_v is not None else None,
+        hidden_states=x_v if context is None else None,
+        timestep=timestep_v if context is None else None,
         encoder_hidden_states=condition,
         text_states=x_t,
         timestep_text=sigma_to_timestep(sigma_t) if x_t is not None else None,
         return_dict=False,
         video_prediction=video_prediction,
+        video_context=context,
     )
     video_loss = per_sample_mse(prediction_v, target_v) if prediction_v is not None else None
     text_loss = text_flow.loss(core, prediction_t, sample, text_ids, sigma_t) if x_t is not None else None
