@@ -151,6 +151,40 @@ def test_cached_video_contexts_train_the_text_as_the_video_itself(tiny_data, tmp
     assert "train.recall.cache_video: not used" in capsys.readouterr().out and not reads
 
 
+def test_a_video_cache_build_resumes_and_reads_what_a_forward_gives(tiny_data, tmp_path, monkeypatch):
+    """A killed build leaves whole chunk files only (temporary name, then rename): a rebuild computes just the
+    missing chunks; a row read back is the video context of that clip under that condition."""
+    from accelerate import Accelerator
+
+    from vigu_cli.data.cache import CachedVideoTextDataset
+    from vigu_cli.train import initial_pipeline
+    from vigu_cli import video_cache
+
+    monkeypatch.setattr(video_cache, "CHUNK", 10)
+    recipe = recipe_for(tiny_data, tmp_path, "text.video_attends_text=false", "text.video_keys=text")
+    core = initial_pipeline(recipe, "recall").transformer
+    dataset = CachedVideoTextDataset(tiny_data, split="train")
+    empty, folder, accelerator = dataset.empty_prompt_embeds, tmp_path / "video-cache", Accelerator(cpu=True)
+    VideoContextCache.build(accelerator, core, dataset, empty, folder, batch_size=4)
+    chunks = sorted(folder.iterdir())
+    assert [p.name for p in chunks] == [f"chunk-{k:05d}.safetensors" for k in range(4)]  # 36 clips, 10 a chunk
+    kept = chunks[0].stat().st_mtime_ns
+    chunks[2].unlink()
+    calls = []
+    forward = core.video_context
+    monkeypatch.setattr(core, "video_context", lambda *args: calls.append(args[0].shape[0]) or forward(*args))
+    cache = VideoContextCache.build(accelerator, core, dataset, empty, folder, batch_size=4)
+    assert sum(calls) == 2 * 10 and chunks[2].is_file() and chunks[0].stat().st_mtime_ns == kept
+
+    item = dataset[25]
+    for dropped, condition in ((False, item["prompt_embeds"]), (True, empty)):
+        expected = forward(item["latents"][None].float(), torch.zeros(1), condition[None])
+        for block, tokens in enumerate(expected.tokens):
+            torch.testing.assert_close(cache._read(item["id"], dropped, block), tokens[0])
+    with pytest.raises(VigUError, match="every process must see the stage folder"):
+        VideoContextCache(folder, [*chunks, folder / "chunk-00004.safetensors"])
+
+
 @pytest.fixture
 def fresh_accelerator_state():
     """Accelerate keeps one process-wide state, set by the first `Accelerator` (float32 in the other tests)."""

@@ -258,12 +258,6 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
     text_flow = pipe.text_flow
     empty = dataset.empty_prompt_embeds.to(accelerator.device)
     video_prediction = video_loss_trains(core, stage)
-    cache = None
-    if stage.cache_video and video_prediction:  # a speed-up where it applies, not a reason to stop
-        accelerator.print(f"train.{stage_name}.cache_video: not used, as the video trains or reads the text (it needs "
-                          f"train.{stage_name}.trainable=text and text.video_attends_text=false)")
-    elif stage.cache_video:
-        cache = VideoContextCache.build(accelerator, core, dataset, empty, root / "video-cache", stage.batch_size)
 
     step = 0
     metrics_path = root / "metrics.jsonl"
@@ -278,6 +272,12 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
     if accelerator.is_main_process:
         (root / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1))
     accelerator.init_trackers(f"vigu-{recipe.name}-{stage_name}")
+    cache = None
+    if stage.cache_video and video_prediction:  # a speed-up where it applies, not a reason to stop
+        accelerator.print(f"train.{stage_name}.cache_video: not used, as the video trains or reads the text (it needs "
+                          f"train.{stage_name}.trainable=text and text.video_attends_text=false)")
+    elif stage.cache_video and step < stage.max_steps:
+        cache = VideoContextCache.build(accelerator, core, dataset, empty, root / "video-cache", stage.batch_size)
 
     batches_per_epoch = len(loader) // stage.grad_accum
     rank_start = accelerator.process_index * stage.batch_size

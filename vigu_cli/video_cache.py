@@ -37,6 +37,11 @@ class VideoContextCache:
 
     def __init__(self, folder: Path, files: list[Path]):
         self.folder = folder
+        missing = [path.name for path in files if not path.is_file()]
+        if missing:
+            raise VigUError(f"{folder} lacks {missing[0]} (and {len(missing) - 1} more) that another process wrote: "
+                            "every process must see the stage folder (a filesystem shared by the nodes), or set "
+                            "cache_video=false")
         self._handles = [safe_open(path, framework="pt") for path in files]
         self._where = {name.split("/")[0]: handle for handle in self._handles for name in handle.keys()}
 
