@@ -36,3 +36,12 @@ def test_a_frozen_video_that_does_not_read_the_text_keeps_fewer_activations():
     one_way = plan(load_recipe("world-tiny", ["text.video_attends_text=false"]), "refine")
     full = plan(load_recipe("world-tiny", ["text.video_attends_text=false", "train.refine.trainable=full"]), "refine")
     assert one_way.activations < both.activations / 4 and full.activations == both.activations
+
+
+def test_the_video_cache_is_planned_where_it_is_used():
+    """world-tiny's refine caches 2 conditions x 4 blocks x 320 video tokens x width 256 in bf16 per clip: 1.25 MiB,
+    what a chunk file of 16 clips measured (20,982,592 bytes); a stage that trains the video caches nothing."""
+    refine = plan(load_recipe("world-tiny"), "refine")
+    assert refine.video_cache_per_clip * 2**30 == 2 * 4 * 320 * 256 * 2
+    assert plan(load_recipe("world-tiny", ["train.refine.trainable=full"]), "refine").video_cache_per_clip == 0
+    assert plan(load_recipe("world-tiny"), "recall").video_cache_per_clip == 0  # recall does not set cache_video

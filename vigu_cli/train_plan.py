@@ -9,6 +9,7 @@ autocast with AdamW (the official release's set-up):
   checkpointing (attention through SDPA/flash keeps no tokens^2 matrix), or tokens x d x 2 B per
   layer plus one layer's full activations with it; with `trainable: text` and `text.video_attends_text: false`
   only the text tokens' (and the video keys and values they attend to), as the video stream is not in the graph.
+With `cache_video` it also prints the cache's disk per training clip (both conditions, every block's video tokens).
 It is an estimate (allocator fragmentation, CUDA context ~1 GB and temporary buffers come on top); the
 point is to see an out-of-memory coming before it happens.
 """
@@ -41,6 +42,7 @@ class Plan:
     gradients: float
     optimizer: float
     activations: float
+    video_cache_per_clip: float = 0.0  # `cache_video`: GiB on disk per training clip, in bf16 (twice in fp32)
 
     @property
     def total(self) -> float:
@@ -99,6 +101,7 @@ def plan(recipe: Recipe, stage_name: str, accelerate_config: str | Path | None =
     text_tokens = recipe.text.max_length if stage.text_target != "none" else 0
     tokens = video_tokens + text_tokens
     graph = tokens  # the tokens whose activations autograd keeps
+    caches = stage.cache_video and stage.trainable == "text" and not recipe.text.video_attends_text
     if stage.trainable == "text" and not recipe.text.video_attends_text:
         graph = text_tokens  # a frozen video that does not read the text: out of the graph but its keys, values
     per_layer = graph * (16 * dim + 2 * arch.ffn_dim) * 2 + (tokens - graph) * 2 * dim * 2
@@ -117,6 +120,8 @@ def plan(recipe: Recipe, stage_name: str, accelerate_config: str | Path | None =
         gradients=4 * trainable / (processes if shard_states else 1) / GIB,
         optimizer=8 * trainable / (processes if shard_states else 1) / GIB,
         activations=stage.batch_size * activations / GIB,
+        # both conditions of a clip, each block's video tokens as the text reads them (video_cache.py)
+        video_cache_per_clip=2 * arch.num_layers * video_tokens * dim * 2 / GIB if caches else 0.0,
     )
 
 
@@ -132,5 +137,7 @@ def describe(p: Plan) -> list[tuple[str, str]]:
         ("optimizer per GPU", f"{p.optimizer:.2f} GiB"),
         ("activations per GPU", f"{p.activations:.2f} GiB"),
         ("total per GPU (estimate)", f"{p.total:.2f} GiB"),
+        *([("video cache on disk", f"{p.video_cache_per_clip * 1024:.2f} MiB per training clip (bf16; fp32: twice)")]
+          if p.video_cache_per_clip else []),
     ]
 
