@@ -101,9 +101,9 @@ def plan(recipe: Recipe, stage_name: str, accelerate_config: str | Path | None =
     text_tokens = recipe.text.max_length if stage.text_target != "none" else 0
     tokens = video_tokens + text_tokens
     graph = tokens  # the tokens whose activations autograd keeps
-    caches = stage.cache_video and stage.trainable == "text" and not recipe.text.video_attends_text
-    if stage.trainable == "text" and not recipe.text.video_attends_text:
-        graph = text_tokens  # a frozen video that does not read the text: out of the graph but its keys, values
+    frozen_video = stage.trainable == "text" and not recipe.text.video_attends_text  # and does not read the text
+    if frozen_video:
+        graph = text_tokens  # out of the graph but its keys and values
     per_layer = graph * (16 * dim + 2 * arch.ffn_dim) * 2 + (tokens - graph) * 2 * dim * 2
     if stage.gradient_checkpointing:
         activations = graph * dim * 2 * arch.num_layers + per_layer
@@ -121,7 +121,8 @@ def plan(recipe: Recipe, stage_name: str, accelerate_config: str | Path | None =
         optimizer=8 * trainable / (processes if shard_states else 1) / GIB,
         activations=stage.batch_size * activations / GIB,
         # both conditions of a clip, each block's video tokens as the text reads them (video_cache.py)
-        video_cache_per_clip=2 * arch.num_layers * video_tokens * dim * 2 / GIB if caches else 0.0,
+        video_cache_per_clip=(2 * arch.num_layers * video_tokens * dim * 2 / GIB
+                              if frozen_video and stage.cache_video else 0.0),
     )
 
 
