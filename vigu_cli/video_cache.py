@@ -82,9 +82,11 @@ class VideoContextCache:
         """The batch's `VideoContext`: clean rows from the cache, the others from a forward of their video."""
         noised = (~clean).nonzero().flatten().tolist()
         live = core.video_context(x_v[noised], timestep[noised], condition[noised]) if noised else None
+        live_row = {row: k for k, row in enumerate(noised)}  # batch row -> its row of `live`
+        dropped = dropped.tolist()  # once, not a device sync per row and block
         tokens = []
         for block in range(len(core.blocks)):
-            rows = [live.tokens[block][noised.index(i)] if i in noised else self._read(item_id, bool(dropped[i]), block)
+            rows = [live.tokens[block][live_row[i]] if i in live_row else self._read(item_id, dropped[i], block)
                     for i, item_id in enumerate(ids)]
             tokens.append(torch.stack([row.to(x_v.device, rows[0].dtype) for row in rows]))
         return VideoContext(tokens, core.rope(x_v))
