@@ -21,7 +21,8 @@ from conftest import TINY_WAN_VAE, tiny_recipe
 from test_captioners import TIMEOUT, FakeChatServer, free_closed_port, no_proxies, tiny_vlm  # noqa: F401 (fixtures)
 from vigu_cli import cli
 from vigu_cli.build_dataset import build_dataset, summary_table
-from vigu_cli.core.convert import load_pipeline, pipeline_from_recipe
+from vigu_cli.core.convert import WORLD_PRETRAINED, load_pipeline, pipeline_from_recipe
+from vigu_cli.core.pipeline import SAMPLING_SETTINGS
 from vigu_cli.data import world
 from vigu_cli.data.cache import CachedVideoTextDataset, check_compatible, collate, pad_prompt_embeds
 from vigu_cli.data.manifest import is_retryable, read_lines, shard_ranges, shards_of_rank
@@ -427,8 +428,10 @@ TRANSFORMERS = ["--set", "data.captioner.backend=transformers", "--set", "data.c
         (["--set", "data.captioner.concurency=3"], "error: unknown recipe key 'data.captioner.concurency' in "
          "data.captioner: did you mean 'concurrency'?"),
         (["--set", "model.base=/nowhere/Wan2.1"], "error: model folder /nowhere/Wan2.1 does not exist"),
-        (["--set", "data.generator.backend=wan", "--set", "data.generator.path=/nowhere/Wan2.1-14B"],
+        (["--set", "data.generator.backend=wan", "--set", "data.generator.path=/nowhere/Wan2.1-14B", *TRANSFORMERS],
          "error: generator folder /nowhere/Wan2.1-14B not found"),
+        (["--set", "data.generator.backend=vigu"], "error: data.captioner.backend=world writes the ground truth of the "
+         "clips the world renders"),
         (["--set", "data.captioner.backend=transformers", "--set", "data.captioner.model_path=/nowhere/VLM"],
          "error: captioner model folder /nowhere/VLM not found"),
         (["--set", "data.prompts=/nowhere/prompts.txt"], "error: data.generator.backend=world renders the world"),
@@ -501,9 +504,32 @@ def test_padding_round_trip_is_exact():
 
 def test_wan_generator_defaults_to_the_recipe_base_even_the_shipped_world():
     recipe = load_recipe("world-tiny", ["data.generator.backend=wan"])
-    generator = make_generator(recipe.model, recipe.data, torch.device("cpu"), {})
+    generator = make_generator(recipe, torch.device("cpu"), {})
     assert isinstance(generator, WanGenerator)
     assert generator.pipe.transformer.config.num_layers == recipe.model.transformer.num_layers
-    untrained = load_recipe("world-tiny", ["data.generator.backend=wan", "model.base=world"])
-    with pytest.raises(VigUError, match="generator folder world not found: set data.generator.path"):
-        make_generator(untrained.model, untrained.data, torch.device("cpu"), {})
+    for backend in ("wan", "vigu"):
+        untrained = load_recipe("world-tiny", [f"data.generator.backend={backend}", "model.base=world"])
+        with pytest.raises(VigUError, match="generator folder world not found: set data.generator.path"):
+            make_generator(untrained, torch.device("cpu"), {})
+
+
+def test_vigu_generator_samples_as_the_pipeline_and_measure_captions_what_it_drew(tmp_path):
+    """The world's "Wan2.1" sampled by vigu's solver with the recipe's `sampling` section (the clips joint
+    generation's text reads), captioned by the measurer: each item's latents are the pipeline's `generate` for
+    its prompt and its own seed, whatever the batch, and its caption names what is measured in that clip."""
+    recipe = world_recipe(tmp_path / "data", "data.num_items=3", "data.generator.backend=vigu",
+                          "data.captioner.backend=measure", "data.generator.batch_size=2", "data.generator.dtype=float32")
+    report = build_dataset(recipe)
+    pipe = load_pipeline(WORLD_PRETRAINED, recipe, torch_dtype=torch.float32)
+    dataset = {item["id"]: item for item in CachedVideoTextDataset(tmp_path / "data", "all")}
+    settings = {name: getattr(recipe.sampling, name) for name in SAMPLING_SETTINGS}
+    for line in report.lines:
+        video = pipe.generate(line.prompt, generator=torch.Generator().manual_seed(video_seed(0, line.index)),
+                              **settings).videos[0]
+        found = world.measure_video(video)
+        if line.status != "ok":
+            assert line.reason == "unmeasurable" and None in found.values()
+            continue
+        assert world.parse_caption(line.caption) == found
+        assert torch.equal(dataset[line.id]["latents"], pipe.encode_video(frames_to_tensor(video)[None])[0])
+    assert sum(line.status == "ok" for line in report.lines) >= 2

@@ -454,3 +454,26 @@ def test_world_captions_parse_back_to_the_spec():
     assert [r.caption for r in again] == [r.caption for r in results]  # deterministic per item
     reseeded = make_captioner(CaptionerConfig(**rule, seed=1), tokenizer).caption_batch(items)
     assert [r.caption for r in reseeded] != [r.caption for r in results]  # varied wording
+
+
+def test_measure_captions_say_what_the_clip_shows_and_reject_a_clip_without_its_shape():
+    """The `measure` backend reads the frames, not a ClipSpec: a rendered clip's caption parses back to its ground
+    truth, a clip drawn for another spec is captioned as what it shows, and a frame without the shape (nothing
+    to say where it went) rejects the clip as `unmeasurable`."""
+    from vigu_cli.data import world
+
+    rng = np.random.default_rng(1)
+    specs = [world.sample_clip(rng) for _ in range(6)]
+    frames = [world.render(spec) for spec in specs]
+    blank = frames[0].copy()
+    blank[3] = blank[3, 0, 0]  # the background only, in frame 3
+    items = [CaptionItem(f"clip-{i}", world.prompt_text(spec), clip) for i, (spec, clip) in enumerate(zip(specs, frames))]
+    items.append(CaptionItem("swapped", world.prompt_text(specs[0]), frames[1], spec=specs[0]))  # the spec is ignored
+    items.append(CaptionItem("blank", world.prompt_text(specs[0]), blank))
+    rule = dict(backend="measure", min_caption_tokens=8, max_caption_tokens=40)
+    results = make_captioner(CaptionerConfig(**rule), word_tokenizer()).caption_batch(items)
+    for spec, r in zip([*specs, specs[1]], results):
+        assert r.ok and world.parse_caption(r.caption) == spec.attributes()
+    assert (results[-1].caption, results[-1].reason) == (None, "unmeasurable")
+    with pytest.raises(VigUError, match="has no frames: the measure captioner reads the clip"):
+        make_captioner(CaptionerConfig(**rule), word_tokenizer()).caption_batch([CaptionItem("x", "a", spec=specs[0])])

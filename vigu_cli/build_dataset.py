@@ -141,10 +141,11 @@ def check_settings(recipe: Recipe) -> None:
     generator, captioner = data.generator.backend, data.captioner.backend
     if generator == "world" and data.prompts != "world":
         raise VigUError("data.generator.backend=world renders the world sampler's clips: set data.prompts=world, "
-                        "or use the wan or files generator")
-    if captioner == "world" and data.prompts != "world":
-        raise VigUError("data.captioner.backend=world writes captions from the world's ground truth: set "
-                        "data.prompts=world, or use the openai or transformers captioner")
+                        "or use the wan, vigu or files generator")
+    if captioner == "world" and (data.prompts != "world" or generator != "world"):
+        raise VigUError("data.captioner.backend=world writes the ground truth of the clips the world renders: "
+                        "set data.prompts=world and data.generator.backend=world, or caption what the clips show "
+                        "with the measure, openai or transformers captioner")
     if generator == "files" and data.prompts == "world":
         raise VigUError("data.generator.backend=files takes each video's prompt from data.prompts=sidecar "
                         "(<video>.txt) or a .jsonl whose ids are the video names")
@@ -202,7 +203,10 @@ def content_settings(recipe: Recipe, device: torch.device) -> dict:
         del data["captioner"][key]
     for section, key in ((data, "text_encoder_dtype"), (data["generator"], "dtype")):
         section[key] = str(resolve_dtype(section[key], device)).removeprefix("torch.")
-    return {"model.fps": recipe.model.fps, "data": data}
+    settings = {"model.fps": recipe.model.fps, "data": data}
+    if recipe.data.generator.backend == "vigu":  # its clips are sampled with these
+        settings["sampling"] = dataclasses.asdict(recipe.sampling)
+    return settings
 
 
 def start_info(recipe: Recipe, pipe, device: torch.device) -> dict:
@@ -328,7 +332,7 @@ class ShardBuilder:
         if data.generator.backend == "wan" and base is not None and \
                 Path(data.generator.path or base).resolve() == base.resolve():
             shared = {"tokenizer": pipe.tokenizer, "text_encoder": pipe.text_encoder, "vae": pipe.vae}
-        self.generator: VideoGenerator = make_generator(recipe.model, data, state.device, shared)
+        self.generator: VideoGenerator = make_generator(recipe, state.device, shared)
         config = data.captioner
         if config.device == "auto" and state.device.type == "cuda":  # each rank captions on its own GPU
             config = dataclasses.replace(config, device=str(state.device))

@@ -1,8 +1,9 @@
 """Detailed-caption backends for `vigu build-dataset` (paper section 4.1; DESIGN.md sections 1 and 7).
 
-A captioner turns (brief prompt, clip) items into detailed captions. Three backends share one interface:
+A captioner turns (brief prompt, clip) items into detailed captions. Four backends share one interface:
 
 - `world`: the embedded world's ground truth written as a caption (`world.caption_text`);
+- `measure`: what the world's measurer reads in the clip, written the same way (clips without ground truth);
 - `openai`: any OpenAI-compatible chat-completions endpoint (vLLM, SGLang, TGI serving e.g. Qwen2.5-VL);
 - `transformers`: a local vision-language model folder (`AutoModelForImageTextToText`).
 
@@ -56,7 +57,7 @@ TEMPLATE_FIELDS = {"prompt", "min_tokens", "max_tokens"}
 class CaptionerConfig:
     """Settings of every captioner backend; the recipe's `data.captioner` section."""
 
-    backend: Literal["world", "openai", "transformers"] = "world"
+    backend: Literal["world", "measure", "openai", "transformers"] = "world"
     # openai: the server's OpenAI-compatible root (requests go to {base_url}/chat/completions)
     base_url: str = "http://127.0.0.1:8000/v1"
     model: str = "Qwen/Qwen2.5-VL-7B-Instruct"  # openai: the served model name
@@ -96,7 +97,7 @@ class CaptionerConfig:
         for name in ("num_frames", "concurrency", "length_attempts", "batch_size"):
             if getattr(self, name) < 1:
                 raise VigUError(f"{where}.{name} must be at least 1, got {getattr(self, name)}")
-        if self.backend != "world" and self.max_new_tokens <= self.max_caption_tokens:
+        if self.backend not in ("world", "measure") and self.max_new_tokens <= self.max_caption_tokens:
             raise VigUError(
                 f"{where}.max_new_tokens ({self.max_new_tokens}) must exceed max_caption_tokens "
                 f"({self.max_caption_tokens}), or truncated replies could pass the length rule"
@@ -259,6 +260,10 @@ def make_captioner(config: CaptionerConfig, tokenizer: Any) -> Captioner:
         from .captioner_world import WorldCaptioner
 
         return WorldCaptioner(config, tokenizer)
+    if config.backend == "measure":
+        from .captioner_world import MeasureCaptioner
+
+        return MeasureCaptioner(config, tokenizer)
     if config.backend == "openai":
         from .captioner_openai import OpenAICaptioner
 
@@ -267,4 +272,4 @@ def make_captioner(config: CaptionerConfig, tokenizer: Any) -> Captioner:
         from .captioner_transformers import TransformersCaptioner
 
         return TransformersCaptioner(config, tokenizer)
-    raise VigUError(f"data.captioner.backend must be world, openai or transformers, got {config.backend!r}")
+    raise VigUError(f"data.captioner.backend must be world, measure, openai or transformers, got {config.backend!r}")
