@@ -156,18 +156,23 @@ def test_a_video_cache_build_resumes_and_reads_what_a_forward_gives(tiny_data, t
     missing chunks; a row read back is the video context of that clip under that condition."""
     from accelerate import Accelerator
 
-    from vigu_cli.data.cache import CachedVideoTextDataset
-    from vigu_cli.train import initial_pipeline
+    from vigu_cli.data.cache import CachedDatasets
+    from vigu_cli.train import dataset_folders, initial_pipeline
     from vigu_cli import video_cache
 
     monkeypatch.setattr(video_cache, "CHUNK", 10)
-    recipe = recipe_for(tiny_data, tmp_path, "text.video_attends_text=false", "text.video_keys=text")
+    # two folders read as one (`train.dataset` as a list; here the same folder twice): the second's ids are prefixed
+    recipe = recipe_for(tiny_data, tmp_path, "text.video_attends_text=false", "text.video_keys=text",
+                        f"train.dataset=[{tiny_data}, {tiny_data}]")
+    assert dataset_folders(recipe) == [tiny_data, tiny_data]
     core = initial_pipeline(recipe, "recall").transformer
-    dataset = CachedVideoTextDataset(tiny_data, split="train")
+    dataset = CachedDatasets(dataset_folders(recipe), split="train")
+    ids = [dataset[i]["id"] for i in range(len(dataset))]
+    assert len(ids) == 72 and len(set(ids)) == 72 and ids[36:] == [f"1/{item_id}" for item_id in ids[:36]]
     empty, folder, accelerator = dataset.empty_prompt_embeds, tmp_path / "video-cache", Accelerator(cpu=True)
     VideoContextCache.build(accelerator, core, dataset, empty, folder, batch_size=4)
     chunks = sorted(folder.iterdir())
-    assert [p.name for p in chunks] == [f"chunk-{k:05d}.safetensors" for k in range(4)]  # 36 clips, 10 a chunk
+    assert [p.name for p in chunks] == [f"chunk-{k:05d}.safetensors" for k in range(8)]  # 72 clips, 10 a chunk
     kept = chunks[0].stat().st_mtime_ns
     chunks[2].unlink()
     calls = []
@@ -176,13 +181,14 @@ def test_a_video_cache_build_resumes_and_reads_what_a_forward_gives(tiny_data, t
     cache = VideoContextCache.build(accelerator, core, dataset, empty, folder, batch_size=4)
     assert sum(calls) == 2 * 10 and chunks[2].is_file() and chunks[0].stat().st_mtime_ns == kept
 
-    item = dataset[25]
-    for dropped, condition in ((False, item["prompt_embeds"]), (True, empty)):
-        expected = forward(item["latents"][None].float(), torch.zeros(1), condition[None])
-        for block, tokens in enumerate(expected.tokens):
-            torch.testing.assert_close(cache._read(item["id"], dropped, block), tokens[0])
+    for index in (25, 36 + 25):  # a clip of each folder
+        item = dataset[index]
+        for dropped, condition in ((False, item["prompt_embeds"]), (True, empty)):
+            expected = forward(item["latents"][None].float(), torch.zeros(1), condition[None])
+            for block, tokens in enumerate(expected.tokens):
+                torch.testing.assert_close(cache._read(item["id"], dropped, block), tokens[0])
     with pytest.raises(VigUError, match="every process must see the stage folder"):
-        VideoContextCache(folder, [*chunks, folder / "chunk-00004.safetensors"])
+        VideoContextCache(folder, [*chunks, folder / "chunk-00008.safetensors"])
 
 
 @pytest.fixture

@@ -201,7 +201,7 @@ class StageSection:
 @dataclass
 class TrainSection:
     output_dir: str = ""  # default: runs/<recipe name>; each stage writes <output_dir>/<stage>
-    dataset: str = ""  # a `vigu build-dataset` folder; default: data.out
+    dataset: str | list[str] = ""  # a `vigu build-dataset` folder, or a list of them read as one; default: data.out
     report_to: str = "none"  # an accelerate tracker (tensorboard, wandb, ...) when installed, or "all"
     base: StageSection = field(default_factory=lambda: StageSection(init="fresh", text_target="none"))
     recall: StageSection = field(default_factory=lambda: StageSection(init="base", text_target="prompt", cond_dropout=0.5))
@@ -211,17 +211,18 @@ class TrainSection:
 @dataclass
 class GeneratorSection:
     """`vigu build-dataset` step 2, the videos: `world` (the world's renderer), `wan` (a local diffusers
-    WanPipeline folder) or `files` (a folder of the user's own videos). Clips are made at the model's
-    shape (`model.height/width/num_frames/fps`)."""
+    WanPipeline folder), `vigu` (a vigu folder or a stock Wan folder, sampled by vigu's solver with the
+    recipe's `sampling` section) or `files` (a folder of the user's own videos). Clips are made at the
+    model's shape (`model.height/width/num_frames/fps`)."""
 
-    backend: Literal["world", "wan", "files"] = "world"
-    path: str = ""  # wan: the WanPipeline folder ("" = model.base); files: the folder of videos
-    batch_size: int = 1  # wan: prompts per call
+    backend: Literal["world", "wan", "vigu", "files"] = "world"
+    path: str = ""  # wan, vigu: the model folder ("" = model.base); files: the folder of videos
+    batch_size: int = 1  # wan, vigu: prompts per call
     steps: int = 50  # wan: denoising steps
     guidance: float = 5.0  # wan: classifier-free guidance scale
     shift: float = 3.0  # wan: the scheduler's flow shift (Wan2.1: 3.0 at 480p, 5.0 at 720p)
     negative_prompt: str = ""  # wan
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # wan: transformer and text encoder; auto: bf16 on GPU
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # wan, vigu: transformer and text encoder; auto: bf16 where fast
 
 
 @dataclass

@@ -37,7 +37,7 @@ from .core.convert import load_pipeline, pipeline_from_recipe, save_folder, vigu
 from .core.components import build_wan_pipeline
 from .core.objective import unified_objective
 from .build_dataset import dataset_dir
-from .data.cache import CachedVideoTextDataset, check_compatible, collate
+from .data.cache import CachedDatasets, CachedVideoTextDataset, check_compatible, collate
 from .data.manifest import MANIFEST, is_validation, read_lines
 from .data.video_io import write_video
 from .errors import VigUError
@@ -208,12 +208,20 @@ def mixed_precision(stage: StageSection) -> str:
     return "bf16" if fast_bfloat16(default_device()) else "no"
 
 
+def dataset_folders(recipe: Recipe) -> list[Path]:
+    """`train.dataset`: one `vigu build-dataset` folder or a list of them; empty: `data.out`."""
+    given = recipe.train.dataset
+    folders = [given] if isinstance(given, str) else given
+    return [Path(folder) for folder in folders if folder] or [dataset_dir(recipe)]
+
+
 def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
     """Run one stage; return the folder of its final model."""
     if stage_name not in STAGES:
         raise VigUError(f"unknown stage '{stage_name}': use one of {', '.join(STAGES)}")
     stage: StageSection = getattr(recipe.train, stage_name)
-    root, data = stage_dir(recipe, stage_name), Path(recipe.train.dataset) if recipe.train.dataset else dataset_dir(recipe)
+    root, folders = stage_dir(recipe, stage_name), dataset_folders(recipe)
+    data = folders[0]  # validation reads the first folder's held-out items
     accelerator = Accelerator(
         mixed_precision=mixed_precision(stage),
         gradient_accumulation_steps=stage.grad_accum,
@@ -228,16 +236,18 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
     set_seed(stage.seed)
 
     pipe = initial_pipeline(recipe, stage_name)
-    check_compatible(data, pipe)
+    for folder in folders:
+        check_compatible(folder, pipe)
     model = pipe.transformer.train()
     trained = configure_trainable(model, stage)
     if stage.gradient_checkpointing:
         model.enable_gradient_checkpointing()
 
-    dataset = CachedVideoTextDataset(data, split="train")
+    dataset = CachedDatasets(folders, split="train")
     global_batch = stage.batch_size * accelerator.num_processes
     if len(dataset) < global_batch:
-        raise VigUError(f"the dataset in {data} has {len(dataset)} training items, fewer than one batch ({global_batch})")
+        where = " + ".join(map(str, folders))
+        raise VigUError(f"the dataset in {where} has {len(dataset)} training items, fewer than one batch ({global_batch})")
     loader = DataLoader(dataset, batch_size=global_batch, shuffle=True, drop_last=True, collate_fn=collate)
     optimizer = torch.optim.AdamW(
         optimizer_groups(model, trained, stage), lr=stage.learning_rate, betas=tuple(stage.betas),

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .core.model import VideoContext
-from .data.cache import CachedVideoTextDataset, collate
+from .data.cache import CachedDatasets, collate
 from .errors import VigUError
 
 CHUNK = 64  # items per file
@@ -43,11 +43,11 @@ class VideoContextCache:
                             "every process must see the stage folder (a filesystem shared by the nodes), or set "
                             "cache_video=false")
         self._handles = [safe_open(path, framework="pt") for path in files]
-        self._where = {name.split("/")[0]: handle for handle in self._handles for name in handle.keys()}
+        self._where = {name.rsplit("/", 2)[0]: handle for handle in self._handles for name in handle.keys()}
 
     @classmethod
     def build(
-        cls, accelerator: Accelerator, core, dataset: CachedVideoTextDataset, empty: torch.Tensor, folder: Path,
+        cls, accelerator: Accelerator, core, dataset: CachedDatasets, empty: torch.Tensor, folder: Path,
         batch_size: int,
     ) -> "VideoContextCache":
         """Each process computes its share of the missing chunks (chunk k: process k mod N); all then read all."""

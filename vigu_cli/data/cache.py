@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import ConcatDataset, Dataset, default_collate
 
 from ..errors import VigUError
 from .manifest import COMMON, INFO, MANIFEST, SHARDS, atomic_write, is_validation, read_json, read_lines
@@ -193,9 +193,10 @@ class CachedVideoTextDataset(Dataset):
     item, recorded in `dataset.json`) or `all`. An item is a dict: `id` (str), `latents` [C, F', H', W'],
     `prompt_embeds` [prompt_max_length, D] (zero-padded as WanPipeline pads), `prompt_ids` and
     `caption_ids` [text_max_length] (int64). Tensors keep their stored dtype. Shards are opened lazily,
-    once per process (DataLoader workers each open their own)."""
+    once per process (DataLoader workers each open their own). `id_prefix` is put before every item's id
+    (`CachedDatasets` keeps the ids of several folders apart with it)."""
 
-    def __init__(self, dataset_dir: str | os.PathLike, split: str = "train"):
+    def __init__(self, dataset_dir: str | os.PathLike, split: str = "train", id_prefix: str = ""):
         if split not in ("train", "val", "all"):
             raise ValueError(f"split must be train, val or all, got {split!r}")
         self.root = Path(dataset_dir)
@@ -209,6 +210,7 @@ class CachedVideoTextDataset(Dataset):
             if line.status == "ok" and split in ("all", "val" if is_validation(line.index, val_every) else "train")
         ]
         self.prompt_max_length = self.info["cache"]["prompt_max_length"]
+        self.id_prefix = id_prefix
         self._handles: dict[str, Any] = {}
         self._pid = os.getpid()
 
@@ -220,7 +222,7 @@ class CachedVideoTextDataset(Dataset):
         handle = self._shard(shard)
         sample = {name: handle.get_tensor(tensor_key(item_id, name)) for name in TENSORS}
         sample["prompt_embeds"] = pad_prompt_embeds(sample["prompt_embeds"], self.prompt_max_length)
-        return {"id": item_id, **sample}
+        return {"id": self.id_prefix + item_id, **sample}
 
     @property
     def empty_prompt_embeds(self) -> torch.Tensor:
@@ -237,6 +239,22 @@ class CachedVideoTextDataset(Dataset):
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_handles": {}}
+
+
+class CachedDatasets(ConcatDataset):
+    """Several built datasets read as one (`train.dataset` as a list of folders): the items of all of them, in
+    order, each folder's `split`. Ids past the first folder's gain their folder's position, `"1/000015"`, so
+    items of two folders never share an id. The empty prompt is the first folder's: `check_compatible`
+    holds every folder to the same text encoder."""
+
+    def __init__(self, folders: list[Path], split: str = "train"):
+        super().__init__([
+            CachedVideoTextDataset(folder, split, id_prefix=f"{k}/" if k else "") for k, folder in enumerate(folders)
+        ])
+
+    @property
+    def empty_prompt_embeds(self) -> torch.Tensor:
+        return self.datasets[0].empty_prompt_embeds
 
 
 def collate(batch: list[dict]) -> dict:
