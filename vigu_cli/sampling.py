@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -122,12 +121,10 @@ def load_model(options: SamplingOptions) -> UniViGUPipeline:
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     quiet_libraries()
-    with warnings.catch_warnings():  # diffusers>=0.35 (our floor) reads torch_dtype; newer ones call it deprecated
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipe = load_pipeline(
-            options.model, load_recipe(options.recipe),
-            torch_dtype={"transformer": dtype, "text_encoder": dtype, "default": torch.float32},
-        )
+    pipe = load_pipeline(
+        options.model, load_recipe(options.recipe),
+        torch_dtype={"transformer": dtype, "text_encoder": dtype, "default": torch.float32},
+    )
     for name, inert in (("text_temperature", 1.0), ("text_order", "random")):
         if getattr(options, name) not in (None, inert) and pipe.text_flow.continuous:
             raise VigUError(f"{flag(name)}: {options.model} uses the {pipe.text_flow.name} text flow, "

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,12 @@ def folder_class(path: str | Path) -> str:
 
 def load_pipeline(path: str | Path, recipe: Recipe, **kwargs) -> UniViGUPipeline:
     """A local folder as a `UniViGUPipeline`, offline: vigu folders load, stock Wan folders convert."""
+    with warnings.catch_warnings():  # diffusers>=0.35 (our floor) reads torch_dtype; newer ones call it deprecated
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        return _load_pipeline(path, recipe, **kwargs)
+
+
+def _load_pipeline(path: str | Path, recipe: Recipe, **kwargs) -> UniViGUPipeline:
     if not Path(path).is_dir():
         raise VigUError(f"model folder {path} does not exist: give a local Wan2.1 diffusers folder or a vigu folder")
     kind = folder_class(path)
