@@ -186,3 +186,12 @@ def test_one_way_caption_computes_the_video_once_per_condition_and_generate_skip
     text_calls.clear()
     pipe.joint(PROMPT, generator=torch.Generator().manual_seed(3), steps=2, guidance_video=4.0, output_type="latent")
     assert len(text_calls) == 2  # the conditional pass of each step only
+    # a text scale below 1 guides too (the unconditional pass then carries the text): 0 is the unconditional caption
+    text_calls.clear()
+    pipe.joint(PROMPT, generator=torch.Generator().manual_seed(3), steps=2, guidance_video=4.0, guidance_text=0.5,
+               output_type="latent")
+    assert len(text_calls) == 4
+    unguided = pipe.caption(clip, generator=torch.Generator().manual_seed(3), steps=4).texts
+    assert pipe.caption(clip, hint=PROMPT, generator=torch.Generator().manual_seed(3), steps=4,
+                        guidance_text=0.0).texts == unguided
+    assert pipe.caption(clip, hint=PROMPT, generator=torch.Generator().manual_seed(3), steps=4).texts != unguided

@@ -252,7 +252,7 @@ class FlowSolver:
         sigmas_v, timesteps_v = time_grid(self.steps, self.shift, device=some.device)
         sigmas_t, timesteps_t = time_grid(self.steps, self.text_shift, device=some.device)
         batch = some.shape[0]
-        guided = uncondition is not None and (guidance_video > 1.0 or guidance_text > 1.0)
+        guided = uncondition is not None and guides(guidance_video, guidance_text)
 
         def timestep_of(stream: Optional[Stream], timestep: torch.Tensor) -> Optional[torch.Tensor]:
             if stream is None:
@@ -265,7 +265,7 @@ class FlowSolver:
             t_v, t_t = timestep_of(video, timesteps_v[i]), timestep_of(text, timesteps_t[i])
             pred_v, pred_t = model_fn(x_v, x_t, t_v, t_t, condition)
             if guided:
-                with_text = uncondition_text or guidance_text > 1.0
+                with_text = uncondition_text or guides(guidance_text)
                 un_v, un_t = model_fn(x_v, x_t if with_text else None, t_v, t_t if with_text else None, uncondition)
                 pred_v, pred_t = _guide(pred_v, un_v, guidance_video), _guide(pred_t, un_t, guidance_text)
             return pred_v, pred_t
@@ -307,6 +307,12 @@ def video_noise_generators(generator):
     own = lambda g: torch.Generator(g.device).manual_seed(  # noqa: E731
         int(np.random.SeedSequence([g.initial_seed(), VIDEO_NOISE_KEY]).generate_state(1, np.uint64)[0]))
     return [own(g) for g in generator] if isinstance(generator, list) else own(generator)
+
+
+def guides(*scales: float) -> bool:
+    """Whether classifier-free guidance at these scales needs an unconditional pass: any scale but 1 (below 1
+    leans toward the unconditional prediction, 0 is that prediction)."""
+    return any(scale != 1.0 for scale in scales)
 
 
 def _guide(cond: Optional[torch.Tensor], uncond: Optional[torch.Tensor], scale: float) -> Optional[torch.Tensor]:

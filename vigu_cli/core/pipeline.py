@@ -27,7 +27,7 @@ from diffusers.configuration_utils import FrozenDict
 from diffusers.utils import BaseOutput
 
 from ..data.video_io import tensor_to_frames
-from .flow import FlowSolver, Stream
+from .flow import FlowSolver, Stream, guides
 from .text import decode_ids, encode_texts, make_text_flow
 from ..recipe import TextSection
 
@@ -215,7 +215,7 @@ class UniViGUPipeline(WanPipeline):
         s = self.sampling_settings(**settings)
         device = self._execution_device
         condition = self.encode_condition(prompts, device)
-        guided = s["guidance_video"] > 1.0 or s["guidance_text"] > 1.0
+        guided = guides(s["guidance_video"], s["guidance_text"])
         uncondition = self.encode_condition([""] * len(prompts), device) if guided and any(prompts) else None
         solver = FlowSolver(s["steps"], s["solver"], s["shift"], s["text_shift"], s["video_eta"])
         # a video that flows and does not read the text predicts the same without it
