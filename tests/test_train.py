@@ -118,7 +118,7 @@ def test_a_video_whose_loss_trains_nothing_is_not_predicted_and_the_text_trains_
     reach no trained parameter), and the same text weights and text losses as a run that computes them."""
     one_way = ("train.recall.trainable=text", "train.recall.max_steps=3", "text.video_attends_text=false")
     out = train(recipe_for(tiny_data, tmp_path / "skip", *one_way), "recall")
-    monkeypatch.setattr("vigu_cli.train.video_loss_trains", lambda model, stage: True)
+    monkeypatch.setattr("vigu_cli.train.video_loss_trains", lambda stage, video_attends_text: True)
     full = train(recipe_for(tiny_data, tmp_path / "full", *one_way), "recall")
     skipped, computed = metrics(out.parent / "metrics.jsonl"), metrics(full.parent / "metrics.jsonl")
     assert all(m["loss_video"] is None for m in skipped) and all(m["loss_video"] > 0 for m in computed)

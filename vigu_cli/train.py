@@ -44,6 +44,7 @@ from .precision import default_device, fast_bfloat16
 from .evaluate import caption_accuracy, generation_accuracy, prompt_accuracy
 from .data import world
 from .recipe import Recipe, StageSection
+from .train_plan import video_loss_trains
 from .video_cache import VideoContextCache
 
 STAGES = ("base", "recall", "refine")
@@ -101,13 +102,6 @@ def configure_trainable(model, stage: StageSection) -> list[torch.nn.Parameter]:
     if not params:
         raise VigUError(f"nothing to train: trainable={stage.trainable} with text_target={stage.text_target}")
     return params
-
-
-def video_loss_trains(model, stage: StageSection) -> bool:
-    """Whether the video loss reaches a trained parameter: a video or shared weight is trained, or the video
-    attends to the text whose parameters are. Where it does not (`trainable: text` with a video that does not
-    attend to the text), the step skips the video's prediction and loss: the same gradient, less work."""
-    return stage.trainable != "text" or model.config.video_attends_text
 
 
 def optimizer_groups(model, trained: list[torch.nn.Parameter], stage: StageSection) -> list[dict]:
@@ -266,7 +260,7 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
         accelerator.register_for_checkpointing(ema)
     text_flow = pipe.text_flow
     empty = dataset.empty_prompt_embeds.to(accelerator.device)
-    video_prediction = video_loss_trains(core, stage)
+    video_prediction = video_loss_trains(stage, core.config.video_attends_text)
 
     step = 0
     metrics_path = root / "metrics.jsonl"

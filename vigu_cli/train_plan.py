@@ -25,7 +25,7 @@ import yaml
 from .core.convert import text_stream_config
 from .core.model import UniViGUTransformer
 from .errors import VigUError
-from .recipe import Recipe
+from .recipe import Recipe, StageSection
 
 GIB = 1024**3
 
@@ -47,6 +47,14 @@ class Plan:
     @property
     def total(self) -> float:
         return self.weights + self.gradients + self.optimizer + self.activations
+
+
+def video_loss_trains(stage: StageSection, video_attends_text: bool) -> bool:
+    """Whether the video loss reaches a trained parameter: a video or shared weight is trained, or the video
+    attends to the text whose parameters are. Where it does not (`trainable: text` with a video that does not
+    attend to the text), the step skips the video's prediction and loss (the same gradient, less work) and the
+    video is out of the autograd graph but its keys and values."""
+    return stage.trainable != "text" or video_attends_text
 
 
 def read_accelerate_config(path: str | Path | None) -> tuple[int, str]:
@@ -101,7 +109,7 @@ def plan(recipe: Recipe, stage_name: str, accelerate_config: str | Path | None =
     text_tokens = recipe.text.max_length if stage.text_target != "none" else 0
     tokens = video_tokens + text_tokens
     graph = tokens  # the tokens whose activations autograd keeps
-    frozen_video = stage.trainable == "text" and not recipe.text.video_attends_text  # and does not read the text
+    frozen_video = not video_loss_trains(stage, recipe.text.video_attends_text)
     if frozen_video:
         graph = text_tokens  # out of the graph but its keys and values
     per_layer = graph * (16 * dim + 2 * arch.ffn_dim) * 2 + (tokens - graph) * 2 * dim * 2
