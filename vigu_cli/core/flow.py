@@ -318,6 +318,6 @@ def guides(*scales: float) -> bool:
 def _guide(cond: Optional[torch.Tensor], uncond: Optional[torch.Tensor], scale: float) -> Optional[torch.Tensor]:
     """Classifier-free guidance (on velocities, or on logits for the discrete text flow); scale 1
     returns the conditional prediction itself."""
-    if cond is None or scale == 1.0:
+    if cond is None or not guides(scale):
         return cond
     return uncond + scale * (cond - uncond)
