@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # A machine without CUDA gets the pinned CPU build of torch (a plain `torch` could pull a multi-GB CUDA build).
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
-.PHONY: venv test test-slow demo world-base clean
+.PHONY: venv test demo world-base clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,9 +18,6 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest -q
-
-test-slow: venv
-	$(PY) -m pytest -q -m slow
 
 # Resumable: a second `make demo` reuses every finished step (scripts/demo.sh says what it skips).
 demo: venv

@@ -183,7 +183,7 @@ def test_kill_9_mid_shard_then_resume_equals_an_uninterrupted_build(reference, t
 
     again = vigu(*args)
     assert again.returncode == 0, again.stderr
-    assert "shard(s)" in again.stderr and "made by this run" in again.stdout
+    assert "shard(s)" in again.stderr and "processed by this run (made, rejected or skipped)" in again.stdout
     assert_same_dataset(reference[0], out)
     assert sorted(p.name for p in (out / "videos").iterdir()) == [f"{i:06d}.mp4" for i in range(64)]
 
@@ -478,16 +478,18 @@ def test_prompt_sources_give_ids_prompts_and_where_they_came_from(tmp_path):
         plan_items(data, model)
 
     videos = tmp_path / "videos"
-    write_clips(videos, ["b-clip", "a-clip"])
+    write_clips(videos, ["b-clip", "a-clip", "c-clip"])
     (videos / "a-clip.txt").unlink()
-    (tmp_path / "by-id.jsonl").write_text('{"id": "a-clip", "prompt": "from the jsonl"}\n')
+    (tmp_path / "by-id.jsonl").write_text('{"id": "a-clip", "prompt": "from the jsonl"}\n'
+                                          '{"id": "c-clip.mp4", "prompt": "named with its extension"}\n')
     data.generator.backend, data.generator.path, data.num_items = "files", str(videos), 0
     data.prompts = str(tmp_path / "by-id.jsonl")
     assert [(i.id, i.prompt, i.prompt_from, Path(i.source).name) for i in plan_items(data, model)] == [
-        ("a-clip", "from the jsonl", "by-id.jsonl:1", "a-clip.mp4"), ("b-clip", None, "none", "b-clip.mp4")]
+        ("a-clip", "from the jsonl", "by-id.jsonl:1", "a-clip.mp4"), ("b-clip", None, "none", "b-clip.mp4"),
+        ("c-clip", "named with its extension", "by-id.jsonl:2", "c-clip.mp4")]
     data.prompts = "sidecar"
     sidecars = [(i.prompt is None, i.prompt_from) for i in plan_items(data, model)]
-    assert sidecars == [(True, "none"), (False, "b-clip.txt")]
+    assert sidecars == [(True, "none"), (False, "b-clip.txt"), (False, "c-clip.txt")]
 
 
 def test_retryable_reasons_are_the_service_failures():

@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+from conftest import TINY
+
 
 MISSION = ["build-dataset", "train", "caption", "generate", "joint", "eval"]
 
@@ -21,10 +23,14 @@ def test_bad_override_is_one_line_and_exit_1():
     out = vigu("recipe", "world-tiny", "--set", "sampling.stpes=3")
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == ["error: unknown recipe key 'sampling.stpes' in sampling: did you mean 'steps'?"]
+    dry = vigu("train", "--stage", "bogus", "--dry-run")
+    assert dry.returncode == 1
+    assert dry.stderr.strip().splitlines() == ["error: unknown stage 'bogus': use one of base, recall, refine"]
 
 
 def test_convert_round_trip_on_the_command_line(tiny_wan_dir, tmp_path):
-    out = vigu("convert", str(tiny_wan_dir), str(tmp_path / "vigu"), "--set", "text.latent_dim=8")
+    tiny = [arg for o in TINY for arg in ("--set", o)]  # the recipe that describes the tiny folder
+    out = vigu("convert", str(tiny_wan_dir), str(tmp_path / "vigu"), *tiny, "--set", "text.latent_dim=8")
     assert out.returncode == 0, out.stderr
     assert "UniViGUPipeline" in out.stderr
     index = json.loads((tmp_path / "vigu" / "model_index.json").read_text())
@@ -35,6 +41,13 @@ def test_convert_round_trip_on_the_command_line(tiny_wan_dir, tmp_path):
     assert back.returncode == 0 and "WanPipeline" in back.stderr
     assert json.loads((tmp_path / "wan" / "model_index.json").read_text())["_class_name"] == "WanPipeline"
     assert not list(tmp_path.glob(".*tmp*"))
+    # a recipe that describes another model is refused, not ignored: its text stream and shape would be wrong here
+    other = vigu("convert", str(tiny_wan_dir), str(tmp_path / "other"), *tiny, "--set", "model.transformer.num_layers=3")
+    assert other.returncode == 1 and not (tmp_path / "other").exists()
+    assert other.stderr.strip().splitlines()[-1:] == [  # after diffusers' loading bars
+        f"error: the model in {tiny_wan_dir} is not the one recipe 'world-tiny' describes (num_layers is 2 there, 3 in "
+        "the recipe): pass the recipe of that model (such as --recipe wan2.1-t2v-1.3b) or make model.transformer "
+        "match the folder"]
 
 
 def test_convert_missing_folder_is_one_line(tmp_path):

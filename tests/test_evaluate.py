@@ -140,12 +140,21 @@ def test_draw_gap_compares_what_generation_draws_with_the_worlds_draws():
     assert evaluate.draw_gap(truths, truths)["mean"] == 0.0
 
 
-def test_prompt_following_and_generation_accuracy_on_rendered_clips():
+def test_prompt_following_on_rendered_clips():
     specs = [world.sample_clip(np.random.default_rng(k), 32, 32, 17) for k in range(4)]
-    videos = [world.render(spec) for spec in specs]
-    assert evaluate.generation_accuracy(videos, [world.prompt_text(s) for s in specs])["macro"] == 1.0
+    measured = [world.measure_video(world.render(spec)) for spec in specs]
+    assert evaluate.prompt_following(measured, [world.prompt_text(s) for s in specs])["macro"] == 1.0
     shuffled = [world.prompt_text(s) for s in specs[1:] + specs[:1]]
-    assert evaluate.generation_accuracy(videos, shuffled)["macro"] < 1.0
+    assert evaluate.prompt_following(measured, shuffled)["macro"] < 1.0
+
+
+def test_world_truth_and_prompted_tell_the_worlds_text_from_a_users():
+    spec = world.sample_clip(np.random.default_rng(3), 32, 32, 17)
+    caption = world.caption_text(spec, np.random.default_rng(0), 0)
+    assert evaluate.world_truth(caption) == spec.attributes()
+    assert evaluate.world_truth("a cat surfs a wave at sunset, filmed from the beach") is None
+    assert evaluate.world_prompted([world.prompt_text(spec)])
+    assert not evaluate.world_prompted([world.prompt_text(spec), "a cat surfing"])
 
 
 # ----------------------------------------------------------------------------------------------------

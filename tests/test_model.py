@@ -79,6 +79,20 @@ def test_without_text_bit_identical_to_stock_and_stock_weights_miss_only_text():
         assert torch.equal(exported(**video_only).sample, expected)
 
 
+@pytest.mark.parametrize("extra", [dict(text_attention="own"), dict(video_attends_text=False),
+                                   dict(text_attention="own", video_attends_text=False, text_video_keys="text")])
+def test_zero_text_tokens_give_the_video_alone_in_every_attention(extra):
+    """A text stream of length 0 (`benchmarks/model_overhead.py`'s "0 text" row) through the attention variants
+    whose text queries carry their own rotary positions: the video of the model without text."""
+    model = unified(**extra)
+    x = inputs()
+    video_only = {k: x[k] for k in ("hidden_states", "timestep", "encoder_hidden_states")}
+    with torch.no_grad():
+        empty = model(**video_only, text_states=torch.zeros(2, 0, D_T), timestep_text=x["timestep_text"])
+        torch.testing.assert_close(empty.sample, model(**video_only).sample, atol=1e-6, rtol=1e-6)
+    assert empty.text_sample.shape == (2, 0, D_T)
+
+
 @pytest.mark.parametrize("formulation", ["embedding", "discrete"])
 def test_streams_share_attention(formulation):
     model = unified(formulation)

@@ -1,11 +1,14 @@
 """UniViGUPipeline, convert and the unified objective, on tiny stock Wan folders (tests/conftest.py)."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 from diffusers import WanPipeline, WanTransformer3DModel
 
-from conftest import nudged_pipeline, tiny_recipe
+from conftest import TINY_WAN_VAE, nudged_pipeline, tiny_recipe
 from vigu_cli.core.convert import convert_folder, load_pipeline, pipeline_from_recipe, vigu_from_wan
 from vigu_cli.core.flow import FlowSolver, Stream
 from vigu_cli.core.objective import unified_objective
@@ -47,7 +50,7 @@ def test_solver_matches_wan_pipeline_on_plain_text_to_video(tiny_wan_vae_dir):
 
 def test_convert_then_generate_equals_wan_and_exports_back(tiny_wan_vae_dir, tmp_path):
     """Test 8: stock folder -> vigu convert -> generate == WanPipeline on the original; export back loads strictly."""
-    recipe = tiny_recipe()
+    recipe = tiny_recipe(base=TINY_WAN_VAE)
     assert convert_folder(tiny_wan_vae_dir, tmp_path / "vigu", recipe) == "UniViGUPipeline"
     pipe = UniViGUPipeline.from_pretrained(tmp_path / "vigu", local_files_only=True)
     ours = pipe.generate(
@@ -72,7 +75,7 @@ def test_a_recipe_that_does_not_describe_its_model_folder_is_one_clear_error(tin
     """The folder's config is what loads, so a recipe whose model.transformer says otherwise (an architecture
     override meant for a model built from scratch) stops instead of describing another model."""
     assert pipeline_from_recipe(tiny_recipe(f"model.base={tiny_wan_dir}")).transformer.config.num_layers == 2
-    with pytest.raises(VigUError, match=r"num_layers is 2 there, 3 in the recipe\).*set model.base=world"):
+    with pytest.raises(VigUError, match=r"num_layers is 2 there, 3 in the recipe\): pass the recipe of that model"):
         pipeline_from_recipe(tiny_recipe(f"model.base={tiny_wan_dir}", "model.transformer.num_layers=3"))
 
 
@@ -103,6 +106,18 @@ def test_save_load_round_trip_identical_for_all_three_modes(tiny_wan_dir, tmp_pa
     torch.testing.assert_close(after[2].videos, before[2].videos, rtol=0, atol=1e-5)
     assert before[2].texts == after[2].texts
     assert type(loaded.transformer).__name__ == "UniViGUTransformer"
+
+
+def test_a_saved_folder_loads_in_a_fresh_python_that_imported_only_the_pipeline(tiny_wan_dir, tmp_path):
+    """model_index.json names vigu's own modules (the transformer's, the world VAE's), which diffusers loads
+    from only once imported: importing the pipeline is enough, as the README's Python example does."""
+    load_pipeline(tiny_wan_dir, tiny_recipe()).save_pretrained(tmp_path / "saved")
+    code = ("import sys; from vigu_cli.core.pipeline import UniViGUPipeline; "
+            "p = UniViGUPipeline.from_pretrained(sys.argv[1], local_files_only=True); "
+            "print(type(p.transformer).__name__, type(p.vae).__name__)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "saved")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["UniViGUTransformer", "WorldPatchAutoencoder"]
 
 
 def test_tiny_model_overfits_one_pair_and_captions_it_exactly(tiny_wan_dir):

@@ -68,6 +68,15 @@ def test_unknown_key_in_yaml_names_closest(tmp_path):
         load_recipe(path)
 
 
+def test_invalid_yaml_is_one_line_naming_where(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  height: 16\nfoo: : :\n")
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path)
+    assert str(error.value) == (f"recipe {path} is not valid YAML at line 3, column 6: mapping values are not "
+                                "allowed here; fix the file")
+
+
 def test_unknown_recipe_name():
     with pytest.raises(RecipeError, match="did you mean 'world-tiny'"):
         load_recipe("world-tiy")

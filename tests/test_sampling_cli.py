@@ -23,7 +23,7 @@ from vigu_cli.core.pipeline import UniViGUPipeline
 from vigu_cli.core.text import DiscreteTextFlow
 from vigu_cli.data import world
 from vigu_cli.data.video_io import frames_to_tensor, load_clip, read_video, write_video
-from vigu_cli.recipe import load_recipe
+from vigu_cli.recipe import dump_recipe, load_recipe
 from vigu_cli.run_eval import world_items
 from vigu_cli.sampling import SamplingOptions, load_model
 
@@ -150,8 +150,10 @@ def test_text_sampling_options_reach_the_discrete_solver(vigu, tiny_wan_dir, cli
 def test_a_stock_folder_converted_on_the_fly_samples_as_its_saved_conversion(tiny_wan_dir, tmp_path):
     """In bfloat16 a Wan folder converted on the fly gets the parameters its saved conversion loads with: values
     and dtypes, the modules diffusers keeps in float32 unrounded (the base's scores compare with its models')."""
-    saved = save_folder(load_pipeline(tiny_wan_dir, load_recipe("world-tiny")), tmp_path / "vigu")
-    converted, loaded = (load_model(SamplingOptions(model=str(path), dtype="bfloat16")).transformer
+    recipe = tmp_path / "tiny.yaml"  # the recipe of the tiny folder, as a user gives the recipe of theirs
+    recipe.write_text(dump_recipe(tiny_recipe()))
+    saved = save_folder(load_pipeline(tiny_wan_dir, load_recipe(recipe)), tmp_path / "vigu")
+    converted, loaded = (load_model(SamplingOptions(model=str(path), recipe=str(recipe), dtype="bfloat16")).transformer
                          for path in (tiny_wan_dir, saved))
     params = dict(loaded.named_parameters())
     for name, param in converted.named_parameters():
@@ -218,6 +220,24 @@ def test_video_eta_reaches_the_video_solver_and_keeps_seeds(vigu, model_dir, tmp
     assert json.loads(Path(default.lines[0]).with_suffix(".json").read_text())["video_eta"] == tiny_recipe().sampling.video_eta
 
 
+def test_heun_integrates_the_deterministic_flow_in_place_of_the_models_stochastic_step(vigu, model_dir, clip_path,
+                                                                                     tmp_path):
+    """The model's default video_eta (1: a stochastic Euler step) does not stop `--solver heun`: Heun integrates the
+    deterministic flow (the sidecar says video_eta 0), the same clip as asking for it; caption takes Heun too."""
+    assert tiny_recipe().sampling.video_eta > 0
+    clips = {}
+    for name, extra in (("heun", ()), ("explicit", ("--video-eta", "0"))):
+        run = vigu("generate", PROMPTS[0], "--model", model_dir, "--out", tmp_path / name, "--seed", "5", "--steps", "3",
+                   "--solver", "heun", *extra, *FLOAT32)
+        assert run.code == 0, run.stderr
+        sidecar = json.loads(Path(run.lines[0]).with_suffix(".json").read_text())
+        assert (sidecar["solver"], sidecar["video_eta"]) == ("heun", 0.0)
+        clips[name] = read_video(run.lines[0])
+    assert np.array_equal(clips["heun"], clips["explicit"])
+    caption = vigu("caption", clip_path, "--model", model_dir, "--steps", "3", "--solver", "heun", *FLOAT32)
+    assert caption.code == 0 and caption.lines, caption.stderr
+
+
 def test_discrete_jumps_draw_per_sample_with_a_list_of_generators():
     flow = DiscreteTextFlow(vocab_size=11)
     logits = torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(0))
@@ -270,11 +290,8 @@ BAD = {
     "video eta out of range": (["generate", "a red circle moving left", "--video-eta", "2"],
                                "error: --video-eta must be between 0 (the deterministic flow) and 1, got 2.0"),
     "video eta with heun": (["joint", "a red circle moving left", "--video-eta", "0.5", "--solver", "heun"],
-                            "error: --solver heun: the video's stochastic step (video_eta 0.5) is an Euler step; add "
-                            "--video-eta 0 or use --solver euler"),
-    "heun with the model's video eta": (["generate", "a red circle moving left", "--solver", "heun"],
-                                        "error: --solver heun: the video's stochastic step (video_eta 1.0, the model "
-                                        "default) is an Euler step; add --video-eta 0 or use --solver euler"),
+                            "error: --solver heun with --video-eta 0.5: the video's stochastic step is an Euler step; "
+                            "leave --video-eta out (Heun integrates the deterministic flow) or use --solver euler"),
     "zero batch": (["generate", "a red circle moving left", "--batch", "0"], "error: --batch must be at least 1, got 0"),
     "out of vocabulary": (["joint", "a red circle moving left", "a cat surfing"],
                           "error: the model's vocabulary has no words 'cat', 'surfing' (in \"a cat surfing\"): it knows "

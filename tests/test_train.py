@@ -324,6 +324,29 @@ def test_resuming_a_finished_run_keeps_one_line_per_validation(tiny_data, tmp_pa
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [2, 4]
 
 
+def test_validation_on_data_the_worlds_judge_cannot_read_saves_samples_and_null_scores(tiny_data, tmp_path):
+    """A dataset of the user's own prompts and captions (not the world's phrasings): validation still captions and
+    generates its held-out items, `batch_size` at a time, and saves them, but scores nothing (null), rather than
+    parse them with the world's grammar."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    lines = [json.loads(line) for line in (data / "manifest.jsonl").read_text().splitlines()]
+    for line in lines:
+        line["prompt"], line["caption"] = "a cat surfing", "a cat surfs a wave at sunset, filmed from the beach"
+    (data / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    held_out = ("train.refine.init=fresh", "train.refine.max_steps=1", "train.refine.batch_size=2",
+                "train.refine.val_items=3", "train.refine.val_steps=2", "train.refine.log_every=1")
+    train(tiny_recipe(f"train.dataset={data}", f"train.output_dir={tmp_path}", *held_out), "refine")
+    record = json.loads((tmp_path / "refine" / "validation.jsonl").read_text())
+    assert record == {"step": 1, "caption": None, "generation": None}
+    samples = tmp_path / "refine" / "samples" / "step-00000001"
+    assert sorted(p.name for p in samples.iterdir()) == ["0-generated.mp4", "0.txt", "1-generated.mp4", "1.txt",
+                                                         "2-generated.mp4", "2.txt"]
+    assert (samples / "2.txt").read_text().startswith("prompt: a cat surfing\ncaption: ")
+
+
 def test_compile_trains_the_same_model_and_saves_plain_weights(tiny_data, tmp_path):
     """`compile: true` (torch.compile of the prepared model): the losses follow the eager run's, checkpoints and the
     final folder hold the plain module's names, and `--resume` continues from them."""

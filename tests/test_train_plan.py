@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from vigu_cli.recipe import load_recipe
-from vigu_cli.train_plan import plan, transformer_on_meta
+from vigu_cli.errors import VigUError
+from vigu_cli.train_plan import describe, plan, transformer_on_meta
 
 ACCELERATE = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
 
@@ -29,6 +30,10 @@ def test_sharding_divides_what_it_shards():
     assert fsdp.weights == pytest.approx(one.weights / 8) and zero2.weights == pytest.approx(one.weights)
     assert fsdp.optimizer == zero2.optimizer == pytest.approx(one.optimizer / 8)
     assert fsdp.activations == one.activations > 0
+    assert plan(recipe, "recall", "8xh800-fsdp") == fsdp  # a shipped config by name, from any folder
+    with pytest.raises(VigUError, match="accelerate config nope.yaml not found: give a file, or one of the shipped "
+                                        "configs: 8xh800-deepspeed-zero2, 8xh800-fsdp, multi-node-fsdp, single-gpu"):
+        plan(recipe, "recall", "nope.yaml")
 
 
 def test_a_frozen_video_that_does_not_read_the_text_keeps_fewer_activations():
@@ -45,3 +50,26 @@ def test_the_video_cache_is_planned_where_it_is_used():
     assert refine.video_cache_per_clip * 2**30 == 2 * 4 * 320 * 256 * 2
     assert plan(load_recipe("world-tiny", ["train.refine.trainable=full"]), "refine").video_cache_per_clip == 0
     assert plan(load_recipe("world-tiny"), "recall").video_cache_per_clip == 0  # recall does not set cache_video
+    # asked for where it does not apply: the dry run says so, as the run itself does
+    rows = dict(describe(plan(load_recipe("world-tiny", ["train.refine.trainable=full"]), "refine")))
+    assert rows["video cache"].startswith("train.refine.cache_video: not used")
+    assert "video cache" not in dict(describe(refine))
+
+
+@pytest.mark.parametrize("name", ["wan2.1-t2v-1.3b", "wan2.1-t2v-14b"])
+def test_the_wan_recipes_carry_the_papers_stages(name):
+    """Paper section 4.1: recall 40K steps at 2e-4 on the prompt, refine 60K at 5e-5 on the caption, Adam (0.9, 0.95),
+    both from the full model (recall from model.base, refine from recall's); the dry run shows them."""
+    recipe = load_recipe(name)
+    recall, refine = recipe.train.recall, recipe.train.refine
+    assert (recall.max_steps, recall.learning_rate, recall.text_target, recall.init) == (40_000, 2e-4, "prompt", "base")
+    assert (refine.max_steps, refine.learning_rate, refine.text_target, refine.init) == (60_000, 5e-5, "caption", "previous")
+    assert recall.betas == refine.betas == [0.9, 0.95] and recall.trainable == refine.trainable == "full"
+    rows = dict(describe(plan(recipe, "recall", ACCELERATE / "8xh800-fsdp.yaml")))
+    assert rows["steps x clips per step"].startswith("40,000 x 8 ")
+    assert rows["learning rate"].startswith("0.0002 ") and rows["learning rate"].endswith("Adam betas (0.9, 0.95)")
+
+
+def test_an_unknown_stage_is_one_error():
+    with pytest.raises(VigUError, match="unknown stage 'bogus': use one of base, recall, refine"):
+        plan(load_recipe("world-tiny"), "bogus")

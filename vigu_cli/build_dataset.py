@@ -64,7 +64,7 @@ CAPTIONER_TRANSPORT = ("base_url", "api_key_env", "concurrency", "timeout_s", "m
 @dataclass
 class BuildReport:
     """What a build did. `lines`: the merged manifest (on the main process; empty on the others);
-    `made`: items built by this run (all ranks); `done_before`: shards a previous run had finished."""
+    `made`: items this run processed (all ranks), whatever their outcome; `done_before`: shards a previous run had finished."""
 
     root: Path
     lines: list[ItemLine]
@@ -148,7 +148,7 @@ def check_settings(recipe: Recipe) -> None:
                         "with the measure, openai or transformers captioner")
     if generator == "files" and data.prompts == "world":
         raise VigUError("data.generator.backend=files takes each video's prompt from data.prompts=sidecar "
-                        "(<video>.txt) or a .jsonl whose ids are the video names")
+                        "(<video>.txt) or a .jsonl whose ids are the video file names")
     if generator != "files" and data.prompts == "sidecar":
         raise VigUError("data.prompts=sidecar reads <video>.txt files: it needs data.generator.backend=files")
     for key, top in (("data.max_prompt_tokens", data.max_prompt_tokens),
@@ -494,7 +494,7 @@ def summary_table(report: BuildReport) -> Table:
     usable = outcomes[("ok", None)]
     val = sum(line.status == "ok" and is_validation(line.index, report.val_every) for line in report.lines)
     table = Table(title=f"{report.root}: {usable} usable item(s) ({usable - val} train, {val} val); "
-                        f"{report.made} made by this run", title_justify="left")
+                        f"{report.made} processed by this run (made, rejected or skipped)", title_justify="left")
     table.add_column("status")
     table.add_column("reason")
     table.add_column("items", justify="right")

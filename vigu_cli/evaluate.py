@@ -46,6 +46,18 @@ def attribute_accuracy(predicted: Iterable[dict], truth: Iterable[dict], attribu
     return scores
 
 
+def world_truth(caption: str) -> dict | None:
+    """The attributes the world's parser reads from a reference caption, or None where it cannot read them
+    all (a caption not in the world's phrasings: a user's own data). Speed may be None: a still clip's."""
+    truth = world.parse_caption(caption)
+    return truth if all(value is not None for name, value in truth.items() if name != "speed") else None
+
+
+def world_prompted(prompts: Iterable[str]) -> bool:
+    """Whether every prompt follows the world's grammar, so that generations can be scored against it."""
+    return all(None not in world.parse_prompt(p).values() for p in prompts)
+
+
 def caption_accuracy(captions: list[str], truths: list[dict]) -> dict[str, float]:
     return attribute_accuracy((world.parse_caption(c) for c in captions), truths, world.ATTRIBUTES)
 
@@ -56,12 +68,9 @@ def prompt_accuracy(texts: list[str], prompts: list[str]) -> dict[str, float]:
     return attribute_accuracy((world.parse_prompt(t) for t in texts), (world.parse_prompt(p) for p in prompts), PROMPTED)
 
 
-def generation_accuracy(videos: Iterable[np.ndarray], prompts: list[str]) -> dict[str, float]:
-    return prompt_following((world.measure_video(v) for v in videos), prompts)
-
-
 def prompt_following(measured: Iterable[dict], prompts: list[str]) -> dict[str, float]:
-    """`generation_accuracy` on clips already measured (`world.measure_video`)."""
+    """Generation's prompt following: shape, colour and motion measured in each clip (`world.measure_video`)
+    against its prompt."""
     return attribute_accuracy(measured, (world.parse_prompt(p) for p in prompts), PROMPTED)
 
 

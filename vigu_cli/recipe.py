@@ -208,6 +208,16 @@ class TrainSection:
     refine: StageSection = field(default_factory=lambda: StageSection(init="previous", text_target="caption", cond_dropout=0.3))
 
 
+STAGES = ("base", "recall", "refine")  # in training order: `init: previous` starts from the stage before
+
+
+def stage_section(recipe: Recipe, name: str) -> StageSection:
+    """`recipe.train.<name>`, for a name of STAGES."""
+    if name not in STAGES:
+        raise VigUError(f"unknown stage '{name}': use one of {', '.join(STAGES)}")
+    return getattr(recipe.train, name)
+
+
 @dataclass
 class GeneratorSection:
     """`vigu build-dataset` step 2, the videos: `world` (the world's renderer), `wan` (a local diffusers
@@ -285,8 +295,11 @@ def load_recipe(name_or_path: str | Path = "world-tiny", overrides: list[str] | 
     path = resolve_recipe_path(name_or_path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from None
+    except yaml.YAMLError as exc:  # one line: the problem and where (YAML's own message spans several)
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"recipe {path} is not valid YAML{where}: {problem}; fix the file") from None
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
     recipe = build(Recipe, data, "")

@@ -74,9 +74,7 @@ def dataset_items(root: str | Path, count: Optional[int], num_frames: int, heigh
         if line.video is None:
             raise VigUError(f"{root} keeps no videos (data.keep_videos=false): rebuild it with data.keep_videos=true")
         path = str(root / line.video)
-        truth = world.parse_caption(line.caption)
-        known = all(value is not None for name, value in truth.items() if name != "speed")
-        items.append(EvalItem(line.id, line.prompt, [line.caption], truth if known else None,
+        items.append(EvalItem(line.id, line.prompt, [line.caption], evaluate.world_truth(line.caption),
                               functools.partial(load_clip, path, num_frames, height, width), path))
     if not items:
         raise VigUError(f"{root} has no usable items to evaluate: build it with `vigu build-dataset`")
@@ -121,7 +119,7 @@ def run_eval(
     prompts, references = [item.prompt for item in items], [item.references for item in items]
     truths = [item.truth for item in items]
     judged = all(truth is not None for truth in truths)
-    prompted = all(None not in world.parse_prompt(p).values() for p in prompts)
+    prompted = evaluate.world_prompted(prompts)
     if prompted or hint:
         check_vocabulary(pipe, prompts)
     settings = {k: v for k, v in pipe.sampling_settings(**options.overrides()).items() if k != "steps"}

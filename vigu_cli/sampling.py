@@ -131,9 +131,8 @@ def load_model(options: SamplingOptions) -> UniViGUPipeline:
                             "which draws no tokens (the option is for the discrete flow); leave it out")
     settings = pipe.sampling_settings(**options.overrides())
     if settings["solver"] == "heun" and settings["video_eta"] > 0:
-        raise VigUError(f"--solver heun: the video's stochastic step (video_eta {settings['video_eta']}"
-                        f"{'' if options.video_eta else ', the model default'}) is an Euler step; add --video-eta 0 "
-                        "or use --solver euler")
+        raise VigUError(f"--solver heun with --video-eta {settings['video_eta']}: the video's stochastic step is an "
+                        "Euler step; leave --video-eta out (Heun integrates the deterministic flow) or use --solver euler")
     return pipe.to(device)
 
 

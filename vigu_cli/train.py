@@ -41,13 +41,11 @@ from .data.manifest import MANIFEST, is_validation, read_lines
 from .data.video_io import write_video
 from .errors import VigUError
 from .precision import default_device, fast_bfloat16
-from .evaluate import caption_accuracy, generation_accuracy, prompt_accuracy
+from .evaluate import caption_accuracy, prompt_accuracy, prompt_following, world_prompted, world_truth
 from .data import world
-from .recipe import Recipe, StageSection
-from .train_plan import video_loss_trains
+from .recipe import STAGES, Recipe, StageSection, stage_section
+from .train_plan import video_cache_unused, video_loss_trains
 from .video_cache import VideoContextCache
-
-STAGES = ("base", "recall", "refine")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -65,7 +63,7 @@ def stage_dir(recipe: Recipe, stage: str) -> Path:
 
 def initial_pipeline(recipe: Recipe, stage: str):
     """The model a stage starts from (`train.<stage>.init`)."""
-    init = getattr(recipe.train, stage).init
+    init = stage_section(recipe, stage).init
     if init == "fresh":
         return vigu_from_wan(build_wan_pipeline(recipe, seed=0), recipe)
     if init == "base":
@@ -210,9 +208,7 @@ def dataset_folders(recipe: Recipe) -> list[Path]:
 
 def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
     """Run one stage; return the folder of its final model."""
-    if stage_name not in STAGES:
-        raise VigUError(f"unknown stage '{stage_name}': use one of {', '.join(STAGES)}")
-    stage: StageSection = getattr(recipe.train, stage_name)
+    stage = stage_section(recipe, stage_name)
     root, folders = stage_dir(recipe, stage_name), dataset_folders(recipe)
     data = folders[0]  # validation reads the first folder's held-out items
     accelerator = Accelerator(
@@ -277,8 +273,7 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
     accelerator.init_trackers(f"vigu-{recipe.name}-{stage_name}")
     cache = None
     if stage.cache_video and video_prediction:  # a speed-up where it applies, not a reason to stop
-        accelerator.print(f"train.{stage_name}.cache_video: not used, as the video trains or reads the text (it needs "
-                          f"train.{stage_name}.trainable=text and text.video_attends_text=false)")
+        accelerator.print(video_cache_unused(stage_name))
     elif stage.cache_video and step < stage.max_steps:
         cache = VideoContextCache.build(accelerator, core, dataset, empty, root / "video-cache", stage.batch_size)
 
@@ -391,7 +386,9 @@ def log_step(accelerator, parts, grad_norm, scheduler, step, seconds, batch, ids
 
 @torch.no_grad()
 def validate(accelerator, pipe, core, recipe: Recipe, stage: StageSection, data: Path, root: Path, step: int) -> None:
-    """Caption and generate held-out items, score them with the world's judge, save a few samples."""
+    """Caption and generate held-out items, `stage.batch_size` at a time (item i sampled with seed `stage.seed + i`),
+    score them with the world's judge where it reads the data (world captions, world prompts; else the scores are
+    null), save the first few as mp4 + txt."""
     if accelerator.is_main_process and stage.val_items:
         was_training = core.training
         core.eval()
@@ -403,24 +400,34 @@ def validate(accelerator, pipe, core, recipe: Recipe, stage: StageSection, data:
         ][: stage.val_items]
         dataset = CachedVideoTextDataset(data, split="val")
         by_id = {item_id: i for i, (item_id, _) in enumerate(dataset.items)}
-        latents = torch.stack([dataset[by_id[line.id]]["latents"] for line in held_out]).float()
-        clips = pipe.decode_latents(latents.to(accelerator.device))
-        generator = torch.Generator(device=accelerator.device).manual_seed(stage.seed)
-        record = {"step": step}
         prompts = [line.prompt for line in held_out]
-        if stage.text_target != "none":  # what the text stream says of the clip: its prompt in recall, else a caption
-            texts = pipe.caption(clips, generator=generator, steps=stage.val_steps).texts
-            record["caption"] = prompt_accuracy(texts, prompts) if stage.text_target == "prompt" else caption_accuracy(
-                texts, [world.parse_caption(line.caption) for line in held_out])
         text_stream = "none" if stage.text_target == "none" else None
-        videos = pipe.generate(prompts, generator=generator, steps=stage.val_steps, text_stream=text_stream).videos
-        record["generation"] = generation_accuracy(videos, prompts)
+        texts, measured = [], []
         samples = root / "samples" / f"step-{step:08d}"
         samples.mkdir(parents=True, exist_ok=True)
-        for i in range(min(4, len(held_out))):
-            write_video(samples / f"{i}-generated.mp4", videos[i], pipe.config.fps)
-            text = f"prompt: {prompts[i]}\n" + (f"caption: {texts[i]}\n" if "caption" in record else "")
-            (samples / f"{i}.txt").write_text(text)
+        for start in range(0, len(held_out), stage.batch_size):
+            chunk = range(start, min(start + stage.batch_size, len(held_out)))
+            seeded = lambda: [torch.Generator(accelerator.device).manual_seed(stage.seed + i) for i in chunk]  # noqa: E731
+            if stage.text_target != "none":  # what the text stream says of the clip: its prompt in recall, else a caption
+                latents = torch.stack([dataset[by_id[held_out[i].id]]["latents"] for i in chunk]).float()
+                clips = pipe.decode_latents(latents.to(accelerator.device))
+                texts += pipe.caption(clips, generator=seeded(), steps=stage.val_steps).texts
+            videos = pipe.generate([prompts[i] for i in chunk], generator=seeded(), steps=stage.val_steps,
+                                   text_stream=text_stream).videos
+            for i, video in zip(chunk, videos):
+                measured.append(world.measure_video(video))
+                if i < 4:
+                    write_video(samples / f"{i}-generated.mp4", video, pipe.config.fps)
+                    caption = f"caption: {texts[i]}\n" if texts else ""
+                    (samples / f"{i}.txt").write_text(f"prompt: {prompts[i]}\n{caption}")
+        record = {"step": step}
+        prompted = world_prompted(prompts)
+        if stage.text_target == "prompt":
+            record["caption"] = prompt_accuracy(texts, prompts) if prompted else None
+        elif stage.text_target == "caption":
+            truths = [world_truth(line.caption) for line in held_out]
+            record["caption"] = caption_accuracy(texts, truths) if None not in truths else None
+        record["generation"] = prompt_following(measured, prompts) if prompted else None
         with (root / "validation.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
         accelerator.print(json.dumps(record))

@@ -25,13 +25,15 @@ import yaml
 from .core.convert import text_stream_config
 from .core.model import UniViGUTransformer
 from .errors import VigUError
-from .recipe import Recipe, StageSection
+from .recipe import RECIPES_DIR, Recipe, StageSection, stage_section
 
 GIB = 1024**3
+ACCELERATE_DIR = RECIPES_DIR / "accelerate"
 
 
 @dataclass
 class Plan:
+    stage: StageSection
     total_params: int
     trainable_params: int
     processes: int
@@ -43,6 +45,7 @@ class Plan:
     optimizer: float
     activations: float
     video_cache_per_clip: float = 0.0  # `cache_video`: GiB on disk per training clip, in bf16 (twice in fp32)
+    video_cache_unused: str = ""  # `cache_video` set where it does not apply: why
 
     @property
     def total(self) -> float:
@@ -57,13 +60,23 @@ def video_loss_trains(stage: StageSection, video_attends_text: bool) -> bool:
     return stage.trainable != "text" or video_attends_text
 
 
+def video_cache_unused(stage_name: str) -> str:
+    """Why `cache_video` does not apply to a stage whose video loss trains (the run goes on without it)."""
+    return (f"train.{stage_name}.cache_video: not used, as the video trains or reads the text (it needs "
+            f"train.{stage_name}.trainable=text and text.video_attends_text=false)")
+
+
 def read_accelerate_config(path: str | Path | None) -> tuple[int, str]:
-    """(processes, sharding) of an accelerate config file: sharding is none, fsdp, zero2 or zero3."""
+    """(processes, sharding) of an accelerate config file (a path, or a shipped config's name): sharding is none,
+    fsdp, zero2 or zero3."""
     if path is None:
         return 1, "none"
-    path = Path(path)
+    given, path = path, Path(path)
+    if not path.is_file():  # a shipped one by name (`8xh800-fsdp`) or by its path in the repository, from anywhere
+        path = ACCELERATE_DIR / f"{path.stem}.yaml"
     if not path.is_file():
-        raise VigUError(f"accelerate config {path} not found: give a file such as recipes/accelerate/8xh800-fsdp.yaml")
+        shipped = ", ".join(sorted(p.stem for p in ACCELERATE_DIR.glob("*.yaml")))
+        raise VigUError(f"accelerate config {given} not found: give a file, or one of the shipped configs: {shipped}")
     config = yaml.safe_load(path.read_text()) or {}
     kind = str(config.get("distributed_type", "NO")).upper()
     sharding = {"FSDP": "fsdp", "DEEPSPEED": f"zero{config.get('deepspeed_config', {}).get('zero_stage', 2)}"}.get(kind, "none")
@@ -81,7 +94,7 @@ def latent_factors(recipe: Recipe) -> tuple[int, int]:
 
 
 def plan(recipe: Recipe, stage_name: str, accelerate_config: str | Path | None = None, vocab_size: int | None = None) -> Plan:
-    stage = getattr(recipe.train, stage_name)
+    stage = stage_section(recipe, stage_name)
     vocab = vocab_size or (50 if recipe.text.tokenizer == "world" else 256_300)  # umT5: 256,000 pieces + 300 extra ids
     model = transformer_on_meta(recipe, vocab)
     text_names = set(model.text_parameter_names())
@@ -118,6 +131,7 @@ def plan(recipe: Recipe, stage_name: str, accelerate_config: str | Path | None =
     else:
         activations = per_layer * arch.num_layers
     return Plan(
+        stage=stage,
         total_params=total,
         trainable_params=trainable,
         processes=processes,
@@ -131,12 +145,22 @@ def plan(recipe: Recipe, stage_name: str, accelerate_config: str | Path | None =
         # both conditions of a clip, each block's video tokens as the text reads them (video_cache.py)
         video_cache_per_clip=(2 * arch.num_layers * video_tokens * dim * 2 / GIB
                               if frozen_video and stage.cache_video else 0.0),
+        video_cache_unused=video_cache_unused(stage_name) if stage.cache_video and not frozen_video else "",
     )
 
 
 def describe(p: Plan) -> list[tuple[str, str]]:
     """Rows for a table: what, value."""
+    stage = p.stage
+    rates = f"{stage.learning_rate:g}" + (f", new text parameters {stage.text_learning_rate:g}"
+                                          if stage.text_learning_rate is not None else "")
     return [
+        ("stage", f"trainable {stage.trainable}, text target {stage.text_target}, condition dropout "
+                  f"{stage.cond_dropout:g}, from {stage.init}"),
+        ("steps x clips per step", f"{stage.max_steps:,} x {stage.batch_size * stage.grad_accum * p.processes:,} "
+                                   f"({stage.batch_size} per GPU x {stage.grad_accum} accumulated x {p.processes})"),
+        ("learning rate", f"{rates} ({stage.lr_scheduler}, {stage.warmup_steps:,} warm-up steps); "
+                          f"Adam betas ({stage.betas[0]:g}, {stage.betas[1]:g})"),
         ("parameters", f"{p.total_params / 1e6:,.1f} M"),
         ("trainable", f"{p.trainable_params / 1e6:,.1f} M ({100 * p.trainable_params / p.total_params:.1f}%)"),
         ("processes / sharding", f"{p.processes} / {p.sharding}"),
@@ -148,5 +172,6 @@ def describe(p: Plan) -> list[tuple[str, str]]:
         ("total per GPU (estimate)", f"{p.total:.2f} GiB"),
         *([("video cache on disk", f"{p.video_cache_per_clip * 1024:.2f} MiB per training clip (bf16; fp32: twice)")]
           if p.video_cache_per_clip else []),
+        *([("video cache", p.video_cache_unused)] if p.video_cache_unused else []),
     ]
 

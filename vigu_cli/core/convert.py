@@ -151,6 +151,8 @@ def _load_pipeline(path: str | Path, recipe: Recipe, **kwargs) -> UniViGUPipelin
             wan = WanPipeline.from_pretrained(path, local_files_only=True, **kwargs)
         finally:
             type_check.setLevel(level)
+        if wan.transformer is not None:
+            check_architecture(recipe, path, wan.transformer.config)
         pipe = vigu_from_wan(wan, recipe)
         if dtype is not None and pipe.transformer is not None:
             cast_as_loaded(pipe.transformer, dtype)
@@ -192,22 +194,23 @@ def pipeline_from_recipe(recipe: Recipe, **load_kwargs) -> UniViGUPipeline:
     if folder is None:
         return vigu_from_wan(build_wan_pipeline(recipe, seed=0), recipe)
     pipe = load_pipeline(folder, recipe, **load_kwargs)
-    if pipe.transformer is not None:
+    if folder_class(folder) == "UniViGUPipeline" and pipe.transformer is not None:  # a stock one is checked as it converts
         check_architecture(recipe, folder, pipe.transformer.config)
     return pipe
 
 
-def check_architecture(recipe: Recipe, folder: Path, config) -> None:
+def check_architecture(recipe: Recipe, folder: str | Path, config) -> None:
     """The recipe's `model.transformer` describes the folder it names: a folder's own config is what loads, so
     a recipe that says otherwise (an override meant for a model built from scratch, the wrong recipe for a
-    checkpoint) would leave its memory estimates and benchmarks describing another model."""
+    checkpoint) would leave its memory estimates and benchmarks describing another model, and a stock Wan folder
+    converted with it would take the recipe's text stream, shape and sampling settings for another model."""
     differ = [f"{key} is {config[key]} there, {value} in the recipe"
               for key, value in vars(recipe.model.transformer).items()
               if key in config and list(np.atleast_1d(config[key])) != list(np.atleast_1d(value))]
     if differ:
         raise VigUError(
-            f"the model in {folder} is not the one recipe '{recipe.name}' describes ({'; '.join(differ)}): make "
-            "model.transformer match the folder, or set model.base=world to build the recipe's model from scratch"
+            f"the model in {folder} is not the one recipe '{recipe.name}' describes ({'; '.join(differ)}): pass the "
+            "recipe of that model (such as --recipe wan2.1-t2v-1.3b) or make model.transformer match the folder"
         )
 
 

@@ -102,7 +102,10 @@ class _RotaryAfter:
         self.norm, self.cos_sin, self.heads = norm, tuple(r[0, :, 0] for r in rotary_emb), heads
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(x).unflatten(2, (self.heads, -1))
+        x = self.norm(x)
+        if x.shape[1] == 0:  # no tokens (a text stream of length 0): diffusers' reshape cannot size an empty tensor
+            return x
+        x = x.unflatten(2, (self.heads, -1))
         return apply_rotary_emb(x, self.cos_sin, use_real=True, use_real_unbind_dim=-1, sequence_dim=1).flatten(2)
 
 

@@ -26,7 +26,11 @@ from diffusers import WanPipeline
 from diffusers.configuration_utils import FrozenDict
 from diffusers.utils import BaseOutput
 
+# A vigu folder's model_index.json names these modules as the libraries of its transformer and (world) VAE, and
+# diffusers loads a component only from a module already imported: importing the pipeline makes its folders load.
+from ..data import world_vae  # noqa: F401
 from ..data.video_io import tensor_to_frames
+from . import model  # noqa: F401
 from .flow import FlowSolver, Stream, guides
 from .text import decode_ids, encode_texts, make_text_flow
 from ..recipe import TextSection
@@ -196,7 +200,8 @@ class UniViGUPipeline(WanPipeline):
 
     def sampling_settings(self, **overrides) -> dict:
         """The solver settings a call uses: the model's defaults (its config and scheduler shift) with
-        the overrides that are not None."""
+        the overrides that are not None. Heun integrates the video's deterministic flow: a Heun call leaves out the
+        model's default `video_eta` (a stochastic Euler step); one that asks for both is refused by the solver."""
         unknown = set(overrides) - set(SAMPLING_SETTINGS)
         if unknown:
             raise TypeError(f"unknown sampling setting(s): {', '.join(sorted(unknown))}")
@@ -207,6 +212,8 @@ class UniViGUPipeline(WanPipeline):
             text_temperature=cfg.text_temperature, text_order=cfg.text_order, video_eta=cfg.video_eta,
         )
         merged.update({k: v for k, v in overrides.items() if v is not None})
+        if merged["solver"] == "heun" and overrides.get("video_eta") is None:
+            merged["video_eta"] = 0.0
         if merged["text_shift"] is None:  # the text stream walks the video's grid
             merged["text_shift"] = merged["shift"]
         return merged

@@ -5,7 +5,8 @@
 - a `.txt` file: item i is the i-th non-empty line; a `.jsonl` file: item i is the i-th line,
   `{"prompt": ..., "id": ...}` (`id` optional, unique).
 - the `files` generator: item i is the i-th video of the folder (by name); its prompt comes from the
-  sidecar `<stem>.txt` next to it (`prompts: sidecar`) or from the `.jsonl` line whose `id` is the stem.
+  sidecar `<stem>.txt` next to it (`prompts: sidecar`) or from the `.jsonl` line whose `id` is its file name
+  (`clip.mp4`) or stem (`clip`).
 
 Item ids default to the zero-padded index; `files` items use the video's stem.
 """
@@ -109,10 +110,11 @@ def _video_items(data: DataSection) -> list[PlannedItem]:
     else:
         raise VigUError(
             f"data.prompts={data.prompts} does not name videos: with data.generator.backend=files use sidecar "
-            "(<video>.txt next to each video) or a .jsonl whose ids are the video names"
+            "(<video>.txt next to each video) or a .jsonl whose ids are the video file names"
         )
-    return [
-        PlannedItem(i, p.stem, *by_id.get(p.stem, (None, "none")), source=str(p)) for i, p in enumerate(videos)
+    return [  # a .jsonl id names its video with or without the extension
+        PlannedItem(i, p.stem, *by_id.get(p.name, by_id.get(p.stem, (None, "none"))), source=str(p))
+        for i, p in enumerate(videos)
     ]
 
 
