@@ -347,6 +347,25 @@ def test_validation_on_data_the_worlds_judge_cannot_read_saves_samples_and_null_
     assert (samples / "2.txt").read_text().startswith("prompt: a cat surfing\ncaption: ")
 
 
+def test_with_sharded_parameters_the_final_model_is_gathered_whole_and_validation_is_skipped(tiny_data, tmp_path,
+                                                                                           monkeypatch):
+    """Where no process holds the whole model (FSDP, ZeRO-3; CPU runs neither, so the run is told it is sharded):
+    the saved model is a whole copy loaded from `accelerator.get_state_dict`, equal to the trained weights, and
+    validation, which would run the sharded model on one process, is skipped with a line saying so."""
+    import vigu_cli.train as train_module
+
+    short = ("train.recall.max_steps=3", "train.recall.validate_every=2", "train.recall.val_items=2",
+             "train.recall.val_steps=2")
+    plain = train(recipe_for(tiny_data, tmp_path / "plain", *short), "recall")
+    monkeypatch.setattr(train_module, "accelerator_sharding", lambda accelerator: "fsdp")
+    gathered = train(recipe_for(tiny_data, tmp_path / "sharded", *short), "recall")
+    a, b = weights(plain.parent), weights(gathered.parent)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (plain.parent / "validation.jsonl").is_file() and not (gathered.parent / "validation.jsonl").exists()
+    with pytest.raises(VigUError, match="train.recall: ema_decay cannot run with fsdp"):
+        train(recipe_for(tiny_data, tmp_path / "ema", *short, "train.recall.ema_decay=0.5"), "recall")
+
+
 def test_compile_trains_the_same_model_and_saves_plain_weights(tiny_data, tmp_path):
     """`compile: true` (torch.compile of the prepared model): the losses follow the eager run's, checkpoints and the
     final folder hold the plain module's names, and `--resume` continues from them."""

@@ -73,3 +73,15 @@ def test_the_wan_recipes_carry_the_papers_stages(name):
 def test_an_unknown_stage_is_one_error():
     with pytest.raises(VigUError, match="unknown stage 'bogus': use one of base, recall, refine"):
         plan(load_recipe("world-tiny"), "bogus")
+
+
+def test_sharded_parameters_refuse_what_needs_the_whole_model_and_say_validation_does_not_run():
+    """FSDP and ZeRO-3 leave no process the whole model: the EMA, LoRA and the video cache are refused in one line
+    (world-tiny's refine sets both the EMA and the cache), and the plan says validation will not run."""
+    with pytest.raises(VigUError, match=r"train.refine: ema_decay, cache_video cannot run with fsdp, which leaves "
+                                        r"no process the whole model: turn them off, or train with DDP"):
+        plan(load_recipe("world-tiny"), "refine", ACCELERATE / "8xh800-fsdp.yaml")
+    rows = dict(describe(plan(load_recipe("wan2.1-t2v-14b"), "recall", ACCELERATE / "8xh800-fsdp.yaml")))
+    assert rows["validation"].startswith("not run, as no process holds the whole model")
+    assert "validation" not in dict(describe(plan(load_recipe("wan2.1-t2v-14b"), "recall",
+                                                  ACCELERATE / "8xh800-deepspeed-zero2.yaml")))

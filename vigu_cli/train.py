@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -44,7 +44,7 @@ from .precision import default_device, fast_bfloat16
 from .evaluate import caption_accuracy, prompt_accuracy, prompt_following, world_prompted, world_truth
 from .data import world
 from .recipe import STAGES, Recipe, StageSection, stage_section
-from .train_plan import video_cache_unused, video_loss_trains
+from .train_plan import NO_VALIDATION, SHARDS_PARAMETERS, check_sharding, video_cache_unused, video_loss_trains
 from .video_cache import VideoContextCache
 
 
@@ -219,6 +219,9 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
         project_dir=str(root),
         dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
     )
+    sharding = accelerator_sharding(accelerator)
+    check_sharding(stage_name, stage, sharding)
+    sharded = sharding in SHARDS_PARAMETERS
     found = checkpoints(root)
     if accelerator.is_main_process and not resume and (found or (root / "model").exists()):
         raise VigUError(f"{root} already holds a run: pass --resume to continue it, or remove the folder")
@@ -327,7 +330,7 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
                         f.write(json.dumps(record) + "\n")
                     accelerator.log(record, step=step)
                 progress.update(task, completed=step, info=f"loss {record['loss']:.4f}  {record['tokens_per_s']:.0f} tok/s")
-                if stage.validate_every and step % stage.validate_every == 0 and step < stage.max_steps:
+                if stage.validate_every and step % stage.validate_every == 0 and step < stage.max_steps and not sharded:
                     with averaged(ema, trained):
                         validate(accelerator, pipe, core, recipe, stage, data, root, step)
                 if step % stage.checkpoint_every == 0 or step == stage.max_steps:
@@ -337,9 +340,12 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
 
     if ema is not None:
         ema.copy_to(trained)  # the model a stage hands on is the average
-    validate(accelerator, pipe, core, recipe, stage, data, root, step)
+    if sharded:
+        accelerator.print(NO_VALIDATION)
+    else:
+        validate(accelerator, pipe, core, recipe, stage, data, root, step)
+    final = whole_model(accelerator, model, core, sharded)
     if accelerator.is_main_process:
-        final = core
         if stage.trainable == "lora":
             final.fuse_lora()
             final.unload_lora()
@@ -351,6 +357,28 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
         shutil.rmtree(cache.folder)  # gigabytes, needed only to resume
     accelerator.end_training()
     return root / "model"
+
+
+def accelerator_sharding(accelerator: Accelerator) -> str:
+    """How the processes hold the parameters: none (each the whole model: one process, DDP, ZeRO-1/2), fsdp or zero3."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return "fsdp"
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return f"zero{accelerator.state.deepspeed_plugin.zero_stage}"
+    return "none"
+
+
+def whole_model(accelerator: Accelerator, model, core, sharded: bool):
+    """The trained transformer, whole, on the main process (None on the others): `core` itself, or, where the
+    parameters are sharded, a copy loaded from the state dict that every process helps gather."""
+    if not sharded:
+        return core
+    state = accelerator.get_state_dict(model)  # a collective: every process calls it
+    if not accelerator.is_main_process:
+        return None
+    whole = type(core).from_config(core.config)
+    whole.load_state_dict(state)
+    return whole
 
 
 @contextmanager

@@ -66,6 +66,25 @@ def video_cache_unused(stage_name: str) -> str:
             f"train.{stage_name}.trainable=text and text.video_attends_text=false)")
 
 
+SHARDS_PARAMETERS = ("fsdp", "zero3")  # no process holds the whole model
+NO_VALIDATION = ("validation: not run, as no process holds the whole model (FSDP, ZeRO-3); score the saved model "
+                 "with `vigu eval`")
+
+
+def check_sharding(stage_name: str, stage: StageSection, sharding: str) -> None:
+    """Refuse the settings that need the whole model on every process where the parameters are sharded: the EMA
+    (one process checkpoints its state), LoRA (merged into the whole model) and the video cache (each process
+    runs the model alone on its share of clips)."""
+    if sharding not in SHARDS_PARAMETERS:
+        return
+    conflicts = [name for name, on in (("ema_decay", stage.ema_decay > 0), ("trainable: lora", stage.trainable == "lora"),
+                                       ("cache_video", stage.cache_video)) if on]
+    if conflicts:
+        raise VigUError(f"train.{stage_name}: {', '.join(conflicts)} cannot run with {sharding}, which leaves no "
+                        "process the whole model: turn them off, or train with DDP or DeepSpeed ZeRO-2 "
+                        "(recipes/accelerate/8xh800-deepspeed-zero2.yaml)")
+
+
 def read_accelerate_config(path: str | Path | None) -> tuple[int, str]:
     """(processes, sharding) of an accelerate config file (a path, or a shipped config's name): sharding is none,
     fsdp, zero2 or zero3."""
@@ -113,6 +132,7 @@ def plan(recipe: Recipe, stage_name: str, accelerate_config: str | Path | None =
         total += per_block * arch.num_layers
 
     processes, sharding = read_accelerate_config(accelerate_config)
+    check_sharding(stage_name, stage, sharding)
     shard_all = sharding in ("fsdp", "zero3")
     shard_states = sharding != "none"
     t, s = latent_factors(recipe)
@@ -173,5 +193,6 @@ def describe(p: Plan) -> list[tuple[str, str]]:
         *([("video cache on disk", f"{p.video_cache_per_clip * 1024:.2f} MiB per training clip (bf16; fp32: twice)")]
           if p.video_cache_per_clip else []),
         *([("video cache", p.video_cache_unused)] if p.video_cache_unused else []),
+        *([("validation", NO_VALIDATION.removeprefix("validation: "))] if p.sharding in SHARDS_PARAMETERS else []),
     ]
 
