@@ -64,7 +64,8 @@ CAPTIONER_TRANSPORT = ("base_url", "api_key_env", "concurrency", "timeout_s", "m
 @dataclass
 class BuildReport:
     """What a build did. `lines`: the merged manifest (on the main process; empty on the others);
-    `made`: items this run processed (all ranks), whatever their outcome; `done_before`: shards a previous run had finished."""
+    `made`: items this run processed (all ranks), whatever their outcome; `done_before`: shards a previous run had
+    finished."""
 
     root: Path
     lines: list[ItemLine]

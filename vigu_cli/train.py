@@ -429,6 +429,7 @@ def validate(accelerator, pipe, core, recipe: Recipe, stage: StageSection, data:
         dataset = CachedVideoTextDataset(data, split="val")
         by_id = {item_id: i for i, (item_id, _) in enumerate(dataset.items)}
         prompts = [line.prompt for line in held_out]
+        prompted = world_prompted(prompts)  # else the world's measurer has nothing to check the clips against
         text_stream = "none" if stage.text_target == "none" else None
         texts, measured = [], []
         samples = root / "samples" / f"step-{step:08d}"
@@ -436,20 +437,21 @@ def validate(accelerator, pipe, core, recipe: Recipe, stage: StageSection, data:
         for start in range(0, len(held_out), stage.batch_size):
             chunk = range(start, min(start + stage.batch_size, len(held_out)))
             seeded = lambda: [torch.Generator(accelerator.device).manual_seed(stage.seed + i) for i in chunk]  # noqa: E731
-            if stage.text_target != "none":  # what the text stream says of the clip: its prompt in recall, else a caption
-                latents = torch.stack([dataset[by_id[held_out[i].id]]["latents"] for i in chunk]).float()
-                clips = pipe.decode_latents(latents.to(accelerator.device))
-                texts += pipe.caption(clips, generator=seeded(), steps=stage.val_steps).texts
-            videos = pipe.generate([prompts[i] for i in chunk], generator=seeded(), steps=stage.val_steps,
-                                   text_stream=text_stream).videos
+            with accelerator.autocast():  # sampled in the precision the stage trains in
+                if stage.text_target != "none":  # what the text says of the clip: its prompt in recall, else a caption
+                    latents = torch.stack([dataset[by_id[held_out[i].id]]["latents"] for i in chunk]).float()
+                    clips = pipe.decode_latents(latents.to(accelerator.device))
+                    texts += pipe.caption(clips, generator=seeded(), steps=stage.val_steps).texts
+                videos = pipe.generate([prompts[i] for i in chunk], generator=seeded(), steps=stage.val_steps,
+                                       text_stream=text_stream).videos
             for i, video in zip(chunk, videos):
-                measured.append(world.measure_video(video))
+                if prompted:
+                    measured.append(world.measure_video(video))
                 if i < 4:
                     write_video(samples / f"{i}-generated.mp4", video, pipe.config.fps)
                     caption = f"caption: {texts[i]}\n" if texts else ""
                     (samples / f"{i}.txt").write_text(f"prompt: {prompts[i]}\n{caption}")
         record = {"step": step}
-        prompted = world_prompted(prompts)
         if stage.text_target == "prompt":
             record["caption"] = prompt_accuracy(texts, prompts) if prompted else None
         elif stage.text_target == "caption":
