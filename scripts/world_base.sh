@@ -54,7 +54,7 @@ for (( PASS = 2; PASS <= PASSES + 1; PASS++ )); do  # phase 3: new clips, more t
     if (( $(last_step "$DIR") < PASS_STEPS )); then "${VIGU[@]}" train --stage base --resume "${ARGS[@]}"; fi
     MODEL=$DIR/base/model
 done
-recipe; "${VIGU[@]}" convert "$MODEL" "$WORK/export" "${ARGS[@]}"
+recipe; "${VIGU[@]}" convert "$MODEL" "$WORK/export" --overwrite "${ARGS[@]}"
 rm -rf "$ASSET.tmp"
 cp -r "$WORK/export" "$ASSET.tmp"
 cp "$WORK/base/metrics.jsonl" "$WORK/base/validation.jsonl" "$ASSET.tmp/"

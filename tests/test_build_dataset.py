@@ -137,6 +137,10 @@ def test_check_compatible_names_the_part_that_differs(reference, tmp_path):
         check_compatible(out, pipeline_from_recipe(world_recipe(out, "text.max_length=48")))
     with pytest.raises(VigUError, match="not a vigu dataset"):
         check_compatible(tmp_path, pipe)
+    from vigu_cli.core.convert import wan_from_vigu
+
+    with pytest.raises(VigUError, match="check_compatible takes a vigu pipeline .*, got a WanPipeline: load the model"):
+        check_compatible(out, wan_from_vigu(pipe))
 
 
 def test_world_tiny_caption_range_fits_every_phrasing():

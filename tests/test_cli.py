@@ -23,6 +23,10 @@ def test_bad_override_is_one_line_and_exit_1():
     out = vigu("recipe", "world-tiny", "--set", "sampling.stpes=3")
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == ["error: unknown recipe key 'sampling.stpes' in sampling: did you mean 'steps'?"]
+    planned = vigu("train", "--stage", "recall", "--accelerate-config", "8xh800-fsdp")  # without --dry-run
+    assert planned.returncode == 1 and planned.stderr.strip().splitlines() == [
+        "error: --accelerate-config plans a --dry-run; to train with 8xh800-fsdp, launch `accelerate launch "
+        "--config_file 8xh800-fsdp -m vigu_cli train ...`"]
     dry = vigu("train", "--stage", "bogus", "--dry-run")
     assert dry.returncode == 1
     assert dry.stderr.strip().splitlines() == ["error: unknown stage 'bogus': use one of base, recall, refine"]
@@ -41,6 +45,19 @@ def test_convert_round_trip_on_the_command_line(tiny_wan_dir, tmp_path):
     assert back.returncode == 0 and "WanPipeline" in back.stderr
     assert json.loads((tmp_path / "wan" / "model_index.json").read_text())["_class_name"] == "WanPipeline"
     assert not list(tmp_path.glob(".*tmp*"))
+    # an existing folder is never replaced unasked, and the source never
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    kept = vigu("convert", str(tmp_path / "vigu"), str(tmp_path / "mine"))
+    assert kept.returncode == 1 and (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert kept.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'mine'} already exists: choose a new folder, or pass --overwrite to replace it")
+    same = vigu("convert", str(tmp_path / "vigu"), str(tmp_path / "vigu"), "--overwrite")
+    assert same.returncode == 1 and "is the folder being converted" in same.stderr
+    assert json.loads((tmp_path / "vigu" / "model_index.json").read_text())["_class_name"] == "UniViGUPipeline"
+    replaced = vigu("convert", str(tmp_path / "vigu"), str(tmp_path / "mine"), "--overwrite")
+    assert replaced.returncode == 0 and not (tmp_path / "mine" / "notes.txt").exists()
+    assert json.loads((tmp_path / "mine" / "model_index.json").read_text())["_class_name"] == "WanPipeline"
     # a recipe that describes another model is refused, not ignored: its text stream and shape would be wrong here
     other = vigu("convert", str(tiny_wan_dir), str(tmp_path / "other"), *tiny, "--set", "model.transformer.num_layers=3")
     assert other.returncode == 1 and not (tmp_path / "other").exists()
@@ -58,3 +75,19 @@ def test_convert_missing_folder_is_one_line(tmp_path):
         "Wan2.1 diffusers folder or a vigu folder"
     ]
     assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_is_one_line_saying_how_to_go_on(monkeypatch, capsys):
+    import pytest
+
+    from vigu_cli import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "app", interrupted)
+    with pytest.raises(SystemExit) as exit:
+        cli.main()
+    assert exit.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "interrupted: what was finished is kept; run the same command again to go on (vigu train: add --resume)"]

@@ -129,6 +129,8 @@ def test_video_eta_step_by_hand():
     assert torch.equal(FlowSolver(4, "euler", video_eta=0.6).video_step(x, v, sigma, torch.tensor(0.0)), x - sigma * v)
     with pytest.raises(ValueError, match="video_eta needs the euler solver"):
         FlowSolver(4, "heun", video_eta=0.5)
+    with pytest.raises(ValueError, match="the time grid's shift must be above 0"):
+        FlowSolver(4, "euler", shift=0.0)
     with pytest.raises(ValueError, match="video_eta must be between 0 and 1"):
         FlowSolver(4, "euler", video_eta=1.5)
 

@@ -1,5 +1,6 @@
 """UniViGUPipeline, convert and the unified objective, on tiny stock Wan folders (tests/conftest.py)."""
 
+import re
 import subprocess
 import sys
 
@@ -106,6 +107,17 @@ def test_save_load_round_trip_identical_for_all_three_modes(tiny_wan_dir, tmp_pa
     torch.testing.assert_close(after[2].videos, before[2].videos, rtol=0, atol=1e-5)
     assert before[2].texts == after[2].texts
     assert type(loaded.transformer).__name__ == "UniViGUTransformer"
+
+
+def test_caption_refuses_a_clip_not_at_the_models_shape(tiny_wan_dir):
+    pipe = load_pipeline(tiny_wan_dir, tiny_recipe())
+    clip = frames_to_tensor(world.render(world.sample_clip(np.random.default_rng(0), 16, 16, 9)))
+    for wrong, got in ((clip, "float32 [3, 9, 16, 16]"), (clip[None, :, :5], "float32 [1, 3, 5, 16, 16]"),
+                       ((clip[None] * 127).to(torch.uint8), "uint8 [1, 3, 9, 16, 16]")):
+        with pytest.raises(ValueError, match=rf"caption takes float pixels \[B, 3, 9, 16, 16\] in \[-1, 1\], the "
+                                             rf"model's shape, got {re.escape(got)}: "):
+            pipe.caption(wrong)
+    assert len(pipe.caption(clip[None], steps=1).texts) == 1
 
 
 def test_a_saved_folder_loads_in_a_fresh_python_that_imported_only_the_pipeline(tiny_wan_dir, tmp_path):

@@ -45,6 +45,18 @@ def test_override_is_type_checked_and_applied():
         ("flow.corner_prob=1.5", "'flow.corner_prob' must be between 0 and 1, got 1.5"),
         ("train.refine.cond_dropout=-0.1", "'train.refine.cond_dropout' must be between 0 and 1, got -0.1"),
         ("train.recall.ema_decay=x", "'train.recall.ema_decay' must be float, got str 'x'"),
+        # ranges: what would otherwise fail later in torch, or sample garbage, stops here
+        ("sampling.shift=0", "'sampling.shift' must be above 0, got 0.0"),
+        ("sampling.text_shift=-1", "'sampling.text_shift' must be a float and above 0 or null, got -1"),
+        ("sampling.steps=-4", "'sampling.steps' must be at least 1, got -4"),
+        ("train.recall.batch_size=0", "'train.recall.batch_size' must be at least 1, got 0"),
+        ("train.recall.grad_accum=0", "'train.recall.grad_accum' must be at least 1, got 0"),
+        ("train.recall.learning_rate=-1", "'train.recall.learning_rate' must be at least 0, got -1.0"),
+        ("train.recall.betas=[0.9, 1.5]", "'train.recall.betas[1]' must be between 0 and 1 (both excluded), got 1.5"),
+        ("data.shard_size=0", "'data.shard_size' must be at least 1, got 0"),
+        ("sampling.video_eta=2", "'sampling.video_eta' must be between 0 and 1, got 2.0"),
+        ("train.dataset=[a, b", "the value of override 'train.dataset' is not valid YAML at line 1, column 6: "
+                                "expected ',' or ']', but got '<stream end>'; quote it or fix it"),
     ],
 )
 def test_bad_overrides_give_one_line(override, message):

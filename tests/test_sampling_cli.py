@@ -293,6 +293,10 @@ BAD = {
                             "error: --solver heun with --video-eta 0.5: the video's stochastic step is an Euler step; "
                             "leave --video-eta out (Heun integrates the deterministic flow) or use --solver euler"),
     "zero batch": (["generate", "a red circle moving left", "--batch", "0"], "error: --batch must be at least 1, got 0"),
+    "zero shift": (["generate", "a red circle moving left", "--shift", "0"],
+                   "error: --shift must be above 0 (1: the plain time grid), got 0.0"),
+    "negative text shift": (["caption", "{clip}", "--text-shift", "-1"],
+                            "error: --text-shift must be above 0 (1: the plain time grid), got -1.0"),
     "out of vocabulary": (["joint", "a red circle moving left", "a cat surfing"],
                           "error: the model's vocabulary has no words 'cat', 'surfing' (in \"a cat surfing\"): it knows "
                           "only: , . a against and background black blue bottom circle down frame from gray green in is "
@@ -317,6 +321,54 @@ def test_bad_input_is_one_line_and_nothing_is_written(vigu, case, model_dir, cli
     [line] = run.stderr.splitlines()
     assert line.startswith(fill(message)) if message.endswith(("(", ": ")) else line == fill(message)
     assert run.stdout == "" and not (tmp_path / "out").exists()
+
+
+def test_an_output_path_that_cannot_be_written_stops_before_any_sampling(vigu, model_dir, clip_path, tmp_path):
+    """`--out`, `--json` and `--sheet` are checked before the model loads: one line, nothing sampled or written."""
+    taken = tmp_path / "taken.txt"
+    taken.write_text("a file")
+    cases = [
+        (["generate", PROMPTS[0], "--out", taken], f"error: --out {taken} is a file: give a folder path"),
+        (["joint", PROMPTS[0], "--out", taken / "sub"],
+         f"error: --out {taken / 'sub'}: {taken} is a file, not a folder; give another path"),
+        (["caption", clip_path, "--out", taken], f"error: --out {taken} is a file: give a folder path"),
+        (["eval", "--items", "1", "--json", tmp_path], f"error: --json {tmp_path} is a folder: give a file path"),
+        (["eval", "--items", "1", "--sheet", taken / "sheet"],
+         f"error: --sheet {taken / 'sheet'}.html: {taken} is a file, not a folder; give another path"),
+    ]
+    for args, message in cases:
+        run = vigu(*args, "--model", model_dir)
+        assert run.code == 1 and run.stderr.splitlines() == [message], args
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.txt"]
+
+
+def test_a_damaged_model_folder_or_an_unreadable_input_is_one_line(vigu, model_dir, tmp_path, monkeypatch):
+    import io
+    import shutil
+
+    damaged, weights = {}, Path("transformer") / "diffusion_pytorch_model.safetensors"
+    for name, damage in (("no-weights", lambda f: (f / weights).unlink()),
+                         ("truncated", lambda f: os.truncate(f / weights, 1000)),
+                         ("bad-index", lambda f: (f / "model_index.json").write_text("{bad"))):
+        damaged[name] = shutil.copytree(model_dir, tmp_path / name)
+        damage(damaged[name])
+    for name, message in (("no-weights", "cannot be loaded: Error no file named"),
+                          ("truncated", "cannot be loaded: Unable to load weights"),
+                          ("bad-index", 'model_index.json is not a pipeline\'s model_index.json (no "_class_name"')):
+        run = vigu("generate", PROMPTS[0], "--model", damaged[name], "--out", tmp_path / "out")
+        assert run.code == 1 and len(run.stderr.splitlines()) == 1 and message in run.stderr, run.stderr
+    (tmp_path / "latin1.txt").write_bytes(b"\xff\xfe a red circle\n")
+    run = vigu("generate", "--prompts-file", tmp_path / "latin1.txt", "--model", model_dir)
+    assert run.code == 1 and run.stderr.splitlines() == [
+        f"error: {tmp_path / 'latin1.txt'}: not UTF-8 text (invalid start byte at byte 0); save it as UTF-8"]
+    run = vigu("caption", tmp_path, "--model", model_dir)
+    assert run.stderr.splitlines() == [f"error: {tmp_path}: is a folder, not a video file; give the video's path"]
+    # `-` reads the prompts from standard input, as a pipeline gives them
+    monkeypatch.setattr(sys, "stdin", io.StringIO(PROMPTS[0] + "\n\n" + PROMPTS[1] + "\n"))
+    run = vigu("generate", "--prompts-file", "-", "--model", model_dir, "--steps", "1", "--out", tmp_path / "piped")
+    assert run.code == 0 and len(run.lines) == 2, run.stderr
+    assert [json.loads(Path(line).with_suffix(".json").read_text())["prompt"] for line in run.lines] == PROMPTS[:2]
+    assert not (tmp_path / "out").exists()
 
 
 def test_without_a_model_every_command_says_how_to_get_one(vigu, tmp_path, monkeypatch, clip_path):
@@ -403,5 +455,12 @@ def test_eval_on_a_built_dataset_scores_its_held_out_split(vigu, model_dir, tmp_
     run = vigu("eval", "--model", model_dir, "--data", data, "--steps", "1", "--json", tmp_path / "eval.json")
     assert run.code == 0, run.stderr
     report = json.loads((tmp_path / "eval.json").read_text())
-    assert report["set"] == {"source": str(data), "items": 2}  # items 3 and 7 are held out
+    assert report["set"] == {"source": str(data), "split": "val", "items": 2}  # items 3 and 7 are held out
     assert report["results"][0]["caption"]["macro"] >= 0 and report["results"][0]["generation"] is not None
+    assert "holds no items out" not in run.stderr
+    # a dataset that holds nothing out is scored on its training items, and says so
+    whole = tmp_path / "whole"
+    build_dataset(tiny_recipe(f"data.out={whole}", "data.num_items=3", "data.shard_size=8", "data.val_every=0"))
+    run = vigu("eval", "--model", model_dir, "--data", whole, "--steps", "1", "--json", tmp_path / "whole.json")
+    assert run.code == 0 and json.loads((tmp_path / "whole.json").read_text())["set"]["split"] == "all"
+    assert f"note: {whole} holds no items out for validation (data.val_every); scoring its training items" in run.stderr

@@ -366,6 +366,30 @@ def test_with_sharded_parameters_the_final_model_is_gathered_whole_and_validatio
         train(recipe_for(tiny_data, tmp_path / "ema", *short, "train.recall.ema_decay=0.5"), "recall")
 
 
+def test_an_output_folder_that_cannot_be_written_stops_before_training(tiny_data, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(VigUError, match=r"train.output_dir's stage folder .*/recall: .*file is a file, not a folder"):
+        train(recipe_for(tiny_data, tmp_path / "file"), "recall")
+
+
+def test_resume_with_nothing_to_resume_says_so_and_starts_from_step_0(tiny_data, tmp_path, capsys):
+    out = train(recipe_for(tiny_data, tmp_path, "train.recall.max_steps=1"), "recall", resume=True)
+    assert f"--resume: {tmp_path / 'recall'} holds no checkpoint yet; starting from step 0" in capsys.readouterr().out
+    assert [m["step"] for m in metrics(out.parent / "metrics.jsonl")] == [1]
+
+
+def test_max_grad_norm_zero_clips_nothing(tiny_data, tmp_path):
+    """0 turns clipping off (as in transformers' Trainer), rather than scaling every gradient to zero: the weights
+    are those of a run whose threshold no gradient reaches, and the logged norm is measured all the same."""
+    short = ("train.recall.max_steps=2", "train.recall.learning_rate=1e-2")
+    off = train(recipe_for(tiny_data, tmp_path / "off", *short, "train.recall.max_grad_norm=0"), "recall")
+    huge = train(recipe_for(tiny_data, tmp_path / "huge", *short, "train.recall.max_grad_norm=1e9"), "recall")
+    clipped = train(recipe_for(tiny_data, tmp_path / "clipped", *short, "train.recall.max_grad_norm=1e-3"), "recall")
+    a, b, c = weights(off.parent), weights(huge.parent), weights(clipped.parent)
+    assert all(torch.equal(a[k], b[k]) for k in a) and any(not torch.equal(a[k], c[k]) for k in a)
+    assert all(m["grad_norm"] > 0 for m in metrics(off.parent / "metrics.jsonl"))
+
+
 def test_compile_trains_the_same_model_and_saves_plain_weights(tiny_data, tmp_path):
     """`compile: true` (torch.compile of the prepared model): the losses follow the eager run's, checkpoints and the
     final folder hold the plain module's names, and `--resume` continues from them."""

@@ -85,3 +85,31 @@ def test_sharded_parameters_refuse_what_needs_the_whole_model_and_say_validation
     assert rows["validation"].startswith("not run, as no process holds the whole model")
     assert "validation" not in dict(describe(plan(load_recipe("wan2.1-t2v-14b"), "recall",
                                                   ACCELERATE / "8xh800-deepspeed-zero2.yaml")))
+
+
+def test_a_broken_accelerate_config_is_one_line(tmp_path):
+    recipe = load_recipe("world-tiny")
+    (tmp_path / "bad.yaml").write_text("distributed_type: FSDP\nnum_processes: [8\n")
+    with pytest.raises(VigUError, match=r"accelerate config .*bad.yaml is not valid YAML at line 3, column 1: "):
+        plan(recipe, "recall", tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(VigUError, match=r"list.yaml must be a mapping such as `accelerate config` writes, got list"):
+        plan(recipe, "recall", tmp_path / "list.yaml")
+
+
+def test_the_plan_says_whether_it_fits_an_80_gib_gpu_and_what_would_make_it_fit():
+    row = "fits an 80 GiB GPU (H800, H100)"
+    zero2 = dict(describe(plan(load_recipe("wan2.1-t2v-14b"), "refine", ACCELERATE / "8xh800-deepspeed-zero2.yaml")))
+    assert zero2[row] == "no: FSDP (--accelerate-config 8xh800-fsdp) would lower it"  # 14B weights on every GPU
+    assert dict(describe(plan(load_recipe("wan2.1-t2v-14b"), "refine", ACCELERATE / "8xh800-fsdp.yaml")))[row] == "yes"
+    bare = plan(load_recipe("wan2.1-t2v-1.3b", ["train.recall.gradient_checkpointing=false",
+                                                "train.recall.batch_size=4"]), "recall")
+    assert dict(describe(bare))[row] == ("no: gradient_checkpointing: true; FSDP (--accelerate-config 8xh800-fsdp); "
+                                         "a smaller batch_size with grad_accum (now 4) would lower it")
+
+
+def test_stage_base_from_scratch_is_refused_where_the_model_is_pretrained():
+    with pytest.raises(VigUError, match=r"stage base pretrains a text-to-video model from scratch, but model.base "
+                                        r"\(Wan2.1-T2V-1.3B-Diffusers\) is pretrained already: start .* recall"):
+        plan(load_recipe("wan2.1-t2v-1.3b"), "base")
+    assert plan(load_recipe("world-tiny"), "base").total_params > 0  # the world's base is what `base` is for

@@ -40,8 +40,8 @@ from rich.text import Text
 from .core.convert import base_folder, pipeline_from_recipe
 from .data.cache import (FORMAT, TENSORS, VERSION, cache_settings, common_tensors, item_tensors, load_tensors,
                          model_identity, read_info, save_tensors, tensor_key, tensor_keys)
-from .data.manifest import (COMMON, INFO, SHARDS, VIDEOS, ItemLine, is_validation, merge_manifest, read_lines,
-                            remove_temporary_files, shard_name, shard_paths, shard_ranges, shards_of_rank,
+from .data.manifest import (COMMON, INFO, SHARDS, VIDEOS, ItemLine, check_writable, is_validation, merge_manifest,
+                            read_lines, remove_temporary_files, shard_name, shard_paths, shard_ranges, shards_of_rank,
                             write_json, write_lines)
 from .data.video_io import write_video
 from .errors import VigUError
@@ -87,6 +87,7 @@ def build_dataset(recipe: Recipe, *, overwrite: bool = False, console: Console |
         check_endpoint(data.captioner)
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=RANK_WAIT)
     root = dataset_dir(recipe)
+    check_writable(root, "data.out", folder=True)
     plan = plan_items(data, recipe.model)
     check_existing(root, {"settings": content_settings(recipe, state.device)}, overwrite)  # before loading models
     with _reporting(console):
@@ -400,8 +401,9 @@ class ShardBuilder:
         """(status, reason, detail) when the item cannot be made from its prompt (the paper's prompt rule)."""
         data = self.recipe.data
         if item.prompt is None:
-            return "skipped", "no_prompt", f"{item.source}: no prompt (no {Path(item.source).stem}.txt, or no " \
-                                           f"line with its id in {data.prompts})"
+            where = (f"no {Path(item.source).stem}.txt next to it" if data.prompts == "sidecar"
+                     else f"no line with its id in {data.prompts}")
+            return "skipped", "no_prompt", f"{item.source}: no prompt ({where})"
         if tokens > data.max_prompt_tokens:
             return "rejected", "prompt_too_long", f"{tokens} tokens, more than {data.max_prompt_tokens}"
         if tokens < data.min_prompt_tokens:

@@ -6,6 +6,7 @@ import functools
 import inspect
 import json
 import sys
+from pathlib import Path
 from typing import Annotated, Optional, get_type_hints
 
 import typer
@@ -45,11 +46,12 @@ def convert(
     dst: Annotated[str, typer.Argument(help="Output folder (written to a temporary name, then renamed).")],
     recipe: RecipeOpt = "world-tiny",
     set_: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace DST if it exists (never SRC).")] = False,
 ) -> None:
     """Stock Wan2.1 folder -> vigu folder (new text parameters per the recipe), or vigu -> stock Wan."""
     from .core.convert import convert_folder
 
-    made = convert_folder(src, dst, load_recipe(recipe, set_))
+    made = convert_folder(src, dst, load_recipe(recipe, set_), overwrite=overwrite)
     console.print(f"wrote {dst} ({made})")
 
 
@@ -93,6 +95,9 @@ def train(
 ) -> None:
     """Train a stage (base | recall | refine) in one Accelerate loop; launch with `accelerate launch -m vigu_cli`."""
     loaded = load_recipe(recipe, set_)
+    if accelerate_config is not None and not dry_run:
+        raise VigUError(f"--accelerate-config plans a --dry-run; to train with {accelerate_config}, launch "
+                        f"`accelerate launch --config_file {accelerate_config} -m vigu_cli train ...`")
     if dry_run:
         from rich.table import Table
 
@@ -245,9 +250,12 @@ def evaluate(
         "--hint", help="Caption each clip with its prompt as the hint (paper stage 2; default: the video alone).")] = False,
 ) -> None:
     """Score a model: captioning, prompt following, joint coherence, BLEU-4 / ROUGE-L / CIDEr."""
-    from .data.manifest import write_json
+    from .data.manifest import check_writable, write_json
     from .run_eval import parse_steps, run_eval, tables
 
+    check_writable(json_out, "--json", folder=False)
+    for made in ([] if sheet is None else [Path(sheet).with_suffix(".html"), Path(sheet).with_suffix(".png")]):
+        check_writable(made, "--sheet", folder=False)  # as contact_sheet names them
     report = run_eval(options, data, items, parse_steps(steps), console, sheet, hint)
     if json_out is not None:
         write_json(json_out, report)
@@ -261,6 +269,10 @@ def main() -> None:
     except VigUError as exc:
         console.print(f"error: {exc}", markup=False, highlight=False)
         sys.exit(1)
+    except KeyboardInterrupt:  # what is written stays whole (temporary names, then renames)
+        console.print("interrupted: what was finished is kept; run the same command again to go on (vigu train: "
+                      "add --resume)", markup=False, highlight=False)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

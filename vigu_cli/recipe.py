@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -71,13 +72,30 @@ class TextEncoderArch:
 
 @dataclass(frozen=True)
 class Between:
-    """A recipe number's closed range, checked when the recipe is read (`Annotated[float, Between(0, 1)]`)."""
+    """A recipe number's range, checked when the recipe is read (`Annotated[float, Between(0, 1)]`); `open` excludes
+    the ends (a shift is above 0; an Adam beta below 1)."""
 
-    low: float
-    high: float
+    low: float = -math.inf
+    high: float = math.inf
+    open: bool = False
+
+    def holds(self, value: float) -> bool:
+        return self.low < value < self.high if self.open else self.low <= value <= self.high
+
+    def describe(self) -> str:
+        if math.isinf(self.high):
+            return f"above {self.low:g}" if self.open else f"at least {self.low:g}"
+        if math.isinf(self.low):
+            return f"below {self.high:g}" if self.open else f"at most {self.high:g}"
+        return f"between {self.low:g} and {self.high:g}" + (" (both excluded)" if self.open else "")
 
 
 Probability = Annotated[float, Between(0.0, 1.0)]
+Count = Annotated[int, Between(1)]  # steps per call, a batch, an interval: one or more
+Amount = Annotated[int, Between(0)]  # a number of things that may be none
+NonNegative = Annotated[float, Between(0.0)]
+Positive = Annotated[float, Between(0.0, open=True)]
+Beta = Annotated[float, Between(0.0, 1.0, open=True)]
 
 
 @dataclass
@@ -100,11 +118,11 @@ class ModelSection:
     """
 
     base: str = "world"
-    height: int = 64
-    width: int = 64
-    num_frames: int = 17
-    fps: int = 8
-    prompt_max_length: int = 512
+    height: Count = 64
+    width: Count = 64
+    num_frames: Count = 17
+    fps: Count = 8
+    prompt_max_length: Count = 512
     normalize_latents: bool = True
     transformer: TransformerArch = field(default_factory=TransformerArch)
     text_encoder: TextEncoderArch = field(default_factory=TextEncoderArch)
@@ -117,10 +135,10 @@ class TextSection:
 
     formulation: Literal["embedding", "discrete"] = "embedding"
     tokenizer: str = "world"  # `world` (the world's word-level tokenizer), `umt5` (the Wan folder's), or a path
-    max_length: int = 48
-    latent_dim: int = 32  # d_t of the embedding formulation
+    max_length: Count = 48
+    latent_dim: Count = 32  # d_t of the embedding formulation
     ffn_text_init: Literal["copy", "new"] = "copy"
-    ffn_text_dim: int = 0  # 0: same width as the video FFN
+    ffn_text_dim: Amount = 0  # 0: same width as the video FFN
     rounding_weight: float = 1.0  # Diffusion-LM rounding cross-entropy (embedding formulation)
     kappa_exponent: float = 1.0  # discrete formulation: kappa(tau) = tau ** n
     discrete_source: Literal["uniform", "mask"] = "uniform"
@@ -136,12 +154,12 @@ class FlowSection:
     """Training-time flow settings for both streams (paper section 3.1; DESIGN.md section 4)."""
 
     tau_sampling: Literal["uniform", "logit_normal", "shifted"] = "uniform"
-    tau_shift: float = 1.0
+    tau_shift: Positive = 1.0
     logit_mean: float = 0.0
-    logit_std: float = 1.0
+    logit_std: Positive = 1.0
     corner_prob: Probability = 0.0  # probability of sampling a task corner (tau_v = 1 or tau_t = 1)
     understanding_share: Probability = 0.5  # of the corners: understanding (clean video); the rest generation (clean text)
-    lambda_video: float = 1.0
+    lambda_video: NonNegative = 1.0
     lambda_text: Literal["auto"] | float = "auto"  # "auto": |z_v| / |z_t| (paper)
 
 
@@ -149,16 +167,16 @@ class FlowSection:
 class SamplingSection:
     """Defaults of the one solver used by every mode (DESIGN.md section 6)."""
 
-    steps: int = 25
+    steps: Count = 25
     solver: Literal["euler", "heun"] = "euler"
-    shift: float = 3.0
+    shift: Positive = 3.0
     guidance_video: float = 5.0
     guidance_text: float = 1.0
-    text_shift: Optional[float] = None  # the text stream's time-grid shift (None: `shift`)
-    text_temperature: float = 1.0  # discrete text flow's token draws (0: the most likely token); no effect on embedding
+    text_shift: Optional[Positive] = None  # the text stream's time-grid shift (None: `shift`)
+    text_temperature: NonNegative = 1.0  # discrete text flow's token draws (0: the most likely token); no effect on embedding
     text_order: Literal["random", "confidence"] = "random"  # discrete flow: which tokens jump (random: official)
     generate_text: Literal["prompt", "none"] = "prompt"  # text stream of `generate`: clean prompt tokens, or none
-    video_eta: float = 0.0  # DDIM's eta for the video's Euler steps: 0 the deterministic flow, 1 the DDPM posterior's noise
+    video_eta: Probability = 0.0  # DDIM's eta for the video's Euler steps: 0 the deterministic flow, 1 the DDPM posterior's noise
     seed: int = 0
 
 
@@ -168,33 +186,33 @@ class StageSection:
 
     init: str = "previous"  # "previous" (the stage before's model), "base" (model.base), "fresh" (world: untrained)
     trainable: Literal["full", "text", "lora"] = "full"  # text: only the new text parameters
-    lora_rank: int = 32
-    lora_alpha: float = 32.0
+    lora_rank: Count = 32
+    lora_alpha: Positive = 32.0
     lora_targets: list[str] = field(default_factory=lambda: ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"])
     text_target: Literal["none", "prompt", "caption"] = "caption"
     cond_dropout: Probability = 0.1  # probability of replacing the prompt condition by the empty prompt
-    learning_rate: float = 1e-4
-    text_learning_rate: Optional[float] = None  # the new text parameters' rate (None: learning_rate)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # paper: Adam (0.9, 0.95)
-    weight_decay: float = 0.0
+    learning_rate: NonNegative = 1e-4
+    text_learning_rate: Optional[NonNegative] = None  # the new text parameters' rate (None: learning_rate)
+    betas: list[Beta] = field(default_factory=lambda: [0.9, 0.95])  # paper: Adam (0.9, 0.95)
+    weight_decay: NonNegative = 0.0
     lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = "constant_with_warmup"
-    warmup_steps: int = 100
-    max_steps: int = 1000
-    batch_size: int = 8  # per process
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
+    warmup_steps: Amount = 100
+    max_steps: Amount = 1000
+    batch_size: Count = 8  # per process
+    grad_accum: Count = 1
+    max_grad_norm: NonNegative = 1.0  # 0: no clipping
     ema_decay: Probability = 0.0  # > 0: keep an exponential moving average of the trained weights and save it (DDP/one process)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 where fast (CUDA, AMX CPUs), else fp32
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the transformer's training forward (inductor); the first step compiles
     cache_video: bool = False  # trainable: text on a video that does not read the text: what the text reads of each
     # clean clip computed once, before the first step (video_cache.py; disk: items x 2 x blocks x tokens x dim)
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    validate_every: int = 0  # 0: only at the end
-    val_items: int = 32
-    val_steps: int = 20
+    checkpoint_every: Count = 500
+    keep_checkpoints: Count = 2
+    log_every: Count = 10
+    validate_every: Amount = 0  # 0: only at the end
+    val_items: Amount = 32
+    val_steps: Count = 20
     seed: int = 0
 
 
@@ -227,10 +245,10 @@ class GeneratorSection:
 
     backend: Literal["world", "wan", "vigu", "files"] = "world"
     path: str = ""  # wan, vigu: the model folder ("" = model.base); files: the folder of videos
-    batch_size: int = 1  # wan, vigu: prompts per call
-    steps: int = 50  # wan: denoising steps
+    batch_size: Count = 1  # wan, vigu: prompts per call
+    steps: Count = 50  # wan: denoising steps
     guidance: float = 5.0  # wan: classifier-free guidance scale
-    shift: float = 3.0  # wan: the scheduler's flow shift (Wan2.1: 3.0 at 480p, 5.0 at 720p)
+    shift: Positive = 3.0  # wan: the scheduler's flow shift (Wan2.1: 3.0 at 480p, 5.0 at 720p)
     negative_prompt: str = ""  # wan
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # wan, vigu: transformer and text encoder; auto: bf16 where fast
 
@@ -241,13 +259,13 @@ class DataSection:
     VAE latents, prompt embeddings and token ids that training reads."""
 
     out: str = ""  # the dataset folder; "" = runs/<recipe name>/data
-    num_items: int = 64  # 0: every prompt of the prompts file / every video of the folder
+    num_items: Amount = 64  # 0: every prompt of the prompts file / every video of the folder
     seed: int = 0  # item i is determined by (seed, i): its prompt, its video, its place
-    shard_size: int = 16  # items per shard: the unit of work per rank, of resume and of the cache files
-    val_every: int = 16  # every k-th item (index % k == k - 1) is held out for validation; 0: none
+    shard_size: Count = 16  # items per shard: the unit of work per rank, of resume and of the cache files
+    val_every: Amount = 16  # every k-th item (index % k == k - 1) is held out for validation; 0: none
     prompts: str = "world"  # world (the world sampler), sidecar (files: <video>.txt), or a .txt / .jsonl file
-    min_prompt_tokens: int = 0  # the prompt rule, in tokens of the text-stream tokenizer (paper: 0-128)
-    max_prompt_tokens: int = 128
+    min_prompt_tokens: Amount = 0  # the prompt rule, in tokens of the text-stream tokenizer (paper: 0-128)
+    max_prompt_tokens: Amount = 128
     generator: GeneratorSection = field(default_factory=GeneratorSection)
     captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
     latents_dtype: Literal["float32", "bfloat16"] = "float32"  # how cached latents are stored
@@ -293,13 +311,7 @@ def resolve_recipe_path(name_or_path: str | Path) -> Path:
 def load_recipe(name_or_path: str | Path = "world-tiny", overrides: list[str] | None = None) -> Recipe:
     """Load a recipe by name or path, then apply `a.b=c` overrides, all type-checked."""
     path = resolve_recipe_path(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:  # one line: the problem and where (YAML's own message spans several)
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RecipeError(f"recipe {path} is not valid YAML{where}: {problem}; fix the file") from None
+    data = parse_yaml(path.read_text(), f"recipe {path}", "fix the file") or {}
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
     recipe = build(Recipe, data, "")
@@ -310,11 +322,21 @@ def load_recipe(name_or_path: str | Path = "world-tiny", overrides: list[str] | 
         raise RecipeError("text.video_keys: text needs text.attention: own and text.video_attends_text: false "
                           "(the video's queries keep the video's keys)")
     sampling = recipe.sampling
-    if not 0 <= sampling.video_eta <= 1:
-        raise RecipeError(f"sampling.video_eta must be between 0 and 1, got {sampling.video_eta}")
     if sampling.solver == "heun" and sampling.video_eta > 0:
         raise RecipeError("sampling.video_eta is for the euler solver: set sampling.video_eta=0 with sampling.solver=heun")
     return recipe
+
+
+def parse_yaml(text: str, what: str, fix: str) -> Any:
+    """YAML text -> data, or one line naming `what`, where in it, the problem and `fix` (YAML's own message spans
+    several lines)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{what} is not valid YAML{where}: {problem}; {fix}") from None
 
 
 def apply_override(recipe: Any, item: str) -> None:
@@ -331,7 +353,8 @@ def apply_override(recipe: Any, item: str) -> None:
             raise RecipeError(_unknown_key_message(".".join(keys[: depth + 1]), key, names, where))
         if depth == len(keys) - 1:
             hint = typing.get_type_hints(type(target), include_extras=True)[key]
-            setattr(target, key, convert(hint, yaml.safe_load(raw), dotted))
+            value = parse_yaml(raw, f"the value of override '{dotted}'", "quote it or fix it")
+            setattr(target, key, convert(hint, value, dotted))
         else:
             target = getattr(target, key)
             if not dataclasses.is_dataclass(target):
@@ -370,8 +393,8 @@ def convert(hint: Any, value: Any, where: str) -> Any:
         base, *ranges = typing.get_args(hint)
         value = convert(base, value, where)
         for bounds in ranges:
-            if not bounds.low <= value <= bounds.high:
-                raise RecipeError(f"'{where}' must be between {bounds.low:g} and {bounds.high:g}, got {value!r}")
+            if not bounds.holds(value):
+                raise RecipeError(f"'{where}' must be {bounds.describe()}, got {value!r}")
         return value
     if origin is Literal:
         choices = typing.get_args(hint)
@@ -427,6 +450,9 @@ def _type_name(hint: Any) -> str:
         return "null"
     if typing.get_origin(hint) is Literal:
         return " or ".join(repr(c) for c in typing.get_args(hint))
+    if typing.get_origin(hint) is Annotated:
+        base, *ranges = typing.get_args(hint)
+        return " and ".join([f"a {_type_name(base)}", *(bounds.describe() for bounds in ranges)])
     return getattr(hint, "__name__", str(hint))
 
 

@@ -64,13 +64,16 @@ def world_items(count: int, seed: int, num_frames: int, height: int, width: int,
     return items
 
 
-def dataset_items(root: str | Path, count: Optional[int], num_frames: int, height: int, width: int) -> list[EvalItem]:
+def dataset_items(root: str | Path, count: Optional[int], num_frames: int, height: int,
+                  width: int) -> tuple[list[EvalItem], str]:
+    """The held-out items of a built dataset (all of them where it holds none out) and which: `val` or `all`."""
     root = Path(root)
     val_every = read_info(root)["split"]["val_every"]
     lines = [line for line in read_lines(root / MANIFEST) or [] if line.status == "ok"]
-    held_out = [line for line in lines if is_validation(line.index, val_every)] or lines
+    held_out = [line for line in lines if is_validation(line.index, val_every)]
+    split = "val" if held_out else "all"
     items = []
-    for line in held_out[:count]:
+    for line in (held_out or lines)[:count]:
         if line.video is None:
             raise VigUError(f"{root} keeps no videos (data.keep_videos=false): rebuild it with data.keep_videos=true")
         path = str(root / line.video)
@@ -78,7 +81,7 @@ def dataset_items(root: str | Path, count: Optional[int], num_frames: int, heigh
                               functools.partial(load_clip, path, num_frames, height, width), path))
     if not items:
         raise VigUError(f"{root} has no usable items to evaluate: build it with `vigu build-dataset`")
-    return items
+    return items, split
 
 
 def parse_steps(text: Optional[str]) -> list[Optional[int]]:
@@ -100,9 +103,9 @@ def eval_set(pipe, data: Optional[str], count: Optional[int], seed: int) -> tupl
         raise VigUError(f"--items must be at least 1, got {count}")
     num_frames, height, width = clip_shape(pipe)
     if data is not None:
-        items = dataset_items(data, count, num_frames, height, width)
+        items, split = dataset_items(data, count, num_frames, height, width)
         check_clips(pipe, [item.path for item in items])
-        return items, {"source": str(data), "items": len(items)}
+        return items, {"source": str(data), "split": split, "items": len(items)}
     items = world_items(200 if count is None else count, seed, num_frames, height, width, pipe.config.fps)
     return items, {"source": "world", "seed": seed, "stream": EVAL_STREAM, "items": len(items)}
 
@@ -116,6 +119,8 @@ def run_eval(
     items' prompts."""
     pipe = load_model(options)
     items, source = eval_set(pipe, data, count, options.seed)
+    if source.get("split") == "all":
+        console.print(f"note: {data} holds no items out for validation (data.val_every); scoring its training items")
     prompts, references = [item.prompt for item in items], [item.references for item in items]
     truths = [item.truth for item in items]
     judged = all(truth is not None for truth in truths)

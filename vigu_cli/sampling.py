@@ -14,6 +14,7 @@ and the files they write.
 from __future__ import annotations
 
 import re
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -28,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .core.convert import load_pipeline
 from .core.pipeline import SAMPLING_SETTINGS, UniViGUPipeline, UniViGUPipelineOutput
 from .core.text import TEXT_ORDERS
-from .data.manifest import write_json, write_text
+from .data.manifest import check_writable, write_json, write_text
 from .data.video_io import frames_to_tensor, load_clip, write_video
 from .errors import VigUError
 from .precision import default_device, resolve_dtype
@@ -68,6 +69,10 @@ class SamplingOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise VigUError(f"--{name} must be at least 1, got {value}")
+        for name in ("shift", "text_shift"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise VigUError(f"{flag(name)} must be above 0 (1: the plain time grid), got {value}")
         if self.text_temperature is not None and self.text_temperature < 0:
             raise VigUError(f"--text-temperature must be at least 0 (0: the most likely token), got {self.text_temperature}")
         if self.video_eta is not None and not 0 <= self.video_eta <= 1:
@@ -142,13 +147,20 @@ def load_model(options: SamplingOptions) -> UniViGUPipeline:
 
 
 def read_inputs(given: Optional[list[str]], file: Optional[str], what: str) -> list[str]:
-    """The command's arguments followed by the non-empty lines of `file`."""
+    """The command's arguments followed by the non-empty lines of `file` (`-`: standard input; a pipe such as
+    `<(...)` reads too)."""
     items = list(given or [])
     if file is not None:
         path = Path(file)
-        if not path.is_file():
+        if file != "-" and not path.exists():
             raise VigUError(f"{path}: no such {what}s file; check the path")
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if path.is_dir():
+            raise VigUError(f"{path}: is a folder, not a {what}s file; give a file with one {what} per line")
+        try:
+            text = sys.stdin.read() if file == "-" else path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise VigUError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
         if not lines:
             raise VigUError(f"{path}: holds no {what}s; write one {what} per line")
         items += lines
@@ -329,6 +341,7 @@ def caption_clips(options: SamplingOptions, clips, clips_file, hint: Optional[st
                   console: Console) -> Iterator[dict]:
     """`vigu caption`: each clip fitted to the model's shape, its text flowed from noise (paper eq. 16)."""
     paths = read_inputs(clips, clips_file, "clip")
+    check_writable(out, "--out", folder=True)
     pipe = load_model(options)
     check_vocabulary(pipe, [hint] if hint else [])
     check_clips(pipe, paths)
@@ -342,6 +355,7 @@ def generate_clips(options: SamplingOptions, prompts, prompts_file, text_stream:
                    console: Console) -> Iterator[dict]:
     """`vigu generate`: the video flowed from noise, the text stream frozen at the prompt (eq. 17) or absent."""
     prompts = read_inputs(prompts, prompts_file, "prompt")
+    check_writable(out, "--out", folder=True)
     if text_stream not in (None, "prompt", "none"):
         raise VigUError(f"unknown --text-stream '{text_stream}': use prompt or none")
     pipe = load_model(options)
@@ -355,6 +369,7 @@ def generate_clips(options: SamplingOptions, prompts, prompts_file, text_stream:
 def joint_clips(options: SamplingOptions, prompts, prompts_file, out: str, console: Console) -> Iterator[dict]:
     """`vigu joint`: video and caption flowed together from noise (eq. 18)."""
     prompts = read_inputs(prompts, prompts_file, "prompt")
+    check_writable(out, "--out", folder=True)
     pipe = load_model(options)
     check_vocabulary(pipe, prompts)
     call = batch_call(pipe, "joint", options.overrides(), prompts)

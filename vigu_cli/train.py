@@ -37,14 +37,14 @@ from .core.components import build_wan_pipeline
 from .core.objective import unified_objective
 from .build_dataset import dataset_dir
 from .data.cache import CachedDatasets, CachedVideoTextDataset, check_compatible, collate
-from .data.manifest import MANIFEST, is_validation, read_lines
+from .data.manifest import MANIFEST, check_writable, is_validation, read_lines
 from .data.video_io import write_video
 from .errors import VigUError
 from .precision import default_device, fast_bfloat16
 from .evaluate import caption_accuracy, prompt_accuracy, prompt_following, world_prompted, world_truth
 from .data import world
 from .recipe import STAGES, Recipe, StageSection, stage_section
-from .train_plan import NO_VALIDATION, SHARDS_PARAMETERS, check_sharding, video_cache_unused, video_loss_trains
+from .train_plan import NO_VALIDATION, SHARDS_PARAMETERS, check_stage, video_cache_unused, video_loss_trains
 from .video_cache import VideoContextCache
 
 
@@ -210,6 +210,7 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
     """Run one stage; return the folder of its final model."""
     stage = stage_section(recipe, stage_name)
     root, folders = stage_dir(recipe, stage_name), dataset_folders(recipe)
+    check_writable(root, "train.output_dir's stage folder", folder=True)
     data = folders[0]  # validation reads the first folder's held-out items
     accelerator = Accelerator(
         mixed_precision=mixed_precision(stage),
@@ -220,7 +221,7 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
         dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
     )
     sharding = accelerator_sharding(accelerator)
-    check_sharding(stage_name, stage, sharding)
+    check_stage(recipe, stage_name, sharding)
     sharded = sharding in SHARDS_PARAMETERS
     found = checkpoints(root)
     if accelerator.is_main_process and not resume and (found or (root / "model").exists()):
@@ -239,7 +240,8 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
     global_batch = stage.batch_size * accelerator.num_processes
     if len(dataset) < global_batch:
         where = " + ".join(map(str, folders))
-        raise VigUError(f"the dataset in {where} has {len(dataset)} training items, fewer than one batch ({global_batch})")
+        raise VigUError(f"the dataset in {where} has {len(dataset)} training items, fewer than one batch "
+                        f"({global_batch}): build more items, or lower train.{stage_name}.batch_size")
     loader = DataLoader(dataset, batch_size=global_batch, shuffle=True, drop_last=True, collate_fn=collate)
     optimizer = torch.optim.AdamW(
         optimizer_groups(model, trained, stage), lr=stage.learning_rate, betas=tuple(stage.betas),
@@ -263,6 +265,8 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
 
     step = 0
     metrics_path = root / "metrics.jsonl"
+    if resume and not found:
+        accelerator.print(f"--resume: {root} holds no checkpoint yet; starting from step 0")
     if resume and found:
         accelerator.load_state(str(found[-1]))
         step = json.loads((found[-1] / "trainer_state.json").read_text())["step"]
@@ -314,7 +318,9 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
                             "and resume with --resume"
                         )
                     accelerator.backward(loss)
-                    grad_norm = accelerator.clip_grad_norm_(trained, stage.max_grad_norm) if accelerator.sync_gradients else None
+                    # max_grad_norm 0: no clipping (the norm is still measured and logged)
+                    grad_norm = (accelerator.clip_grad_norm_(trained, stage.max_grad_norm or math.inf)
+                                 if accelerator.sync_gradients else None)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad()

@@ -20,14 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from .core.convert import text_stream_config
 from .core.model import UniViGUTransformer
 from .errors import VigUError
-from .recipe import RECIPES_DIR, Recipe, StageSection, stage_section
+from .recipe import RECIPES_DIR, Recipe, StageSection, parse_yaml, stage_section
 
 GIB = 1024**3
+GPU_GIB = 80  # an H800's or H100's memory
 ACCELERATE_DIR = RECIPES_DIR / "accelerate"
 
 
@@ -71,10 +71,16 @@ NO_VALIDATION = ("validation: not run, as no process holds the whole model (FSDP
                  "with `vigu eval`")
 
 
-def check_sharding(stage_name: str, stage: StageSection, sharding: str) -> None:
-    """Refuse the settings that need the whole model on every process where the parameters are sharded: the EMA
-    (one process checkpoints its state), LoRA (merged into the whole model) and the video cache (each process
-    runs the model alone on its share of clips)."""
+def check_stage(recipe: Recipe, stage_name: str, sharding: str) -> None:
+    """Refuse, before anything loads, what a stage cannot do: `base` from scratch where `model.base` is a pretrained
+    folder (it would train an untrained copy of its architecture; Uni-ViGU starts at `recall`), and where the
+    parameters are sharded the settings that need the whole model on every process: the EMA (one process
+    checkpoints its state), LoRA (merged into the whole model) and the video cache (each process runs the model
+    alone on its share of clips)."""
+    stage = stage_section(recipe, stage_name)
+    if stage_name == "base" and stage.init == "fresh" and recipe.model.base not in ("world", "world-pretrained"):
+        raise VigUError(f"stage base pretrains a text-to-video model from scratch, but model.base "
+                        f"({recipe.model.base}) is pretrained already: start Uni-ViGU training at --stage recall")
     if sharding not in SHARDS_PARAMETERS:
         return
     conflicts = [name for name, on in (("ema_decay", stage.ema_decay > 0), ("trainable: lora", stage.trainable == "lora"),
@@ -96,7 +102,10 @@ def read_accelerate_config(path: str | Path | None) -> tuple[int, str]:
     if not path.is_file():
         shipped = ", ".join(sorted(p.stem for p in ACCELERATE_DIR.glob("*.yaml")))
         raise VigUError(f"accelerate config {given} not found: give a file, or one of the shipped configs: {shipped}")
-    config = yaml.safe_load(path.read_text()) or {}
+    config = parse_yaml(path.read_text(), f"accelerate config {given}", "fix the file") or {}
+    if not isinstance(config, dict):
+        raise VigUError(f"accelerate config {given} must be a mapping such as `accelerate config` writes, got "
+                        f"{type(config).__name__}")
     kind = str(config.get("distributed_type", "NO")).upper()
     sharding = {"FSDP": "fsdp", "DEEPSPEED": f"zero{config.get('deepspeed_config', {}).get('zero_stage', 2)}"}.get(kind, "none")
     return int(config.get("num_processes", 1)), sharding
@@ -132,7 +141,7 @@ def plan(recipe: Recipe, stage_name: str, accelerate_config: str | Path | None =
         total += per_block * arch.num_layers
 
     processes, sharding = read_accelerate_config(accelerate_config)
-    check_sharding(stage_name, stage, sharding)
+    check_stage(recipe, stage_name, sharding)
     shard_all = sharding in ("fsdp", "zero3")
     shard_states = sharding != "none"
     t, s = latent_factors(recipe)
@@ -169,6 +178,19 @@ def plan(recipe: Recipe, stage_name: str, accelerate_config: str | Path | None =
     )
 
 
+def fits(p: Plan) -> str:
+    """Whether the estimate leaves a H800's or H100's 80 GiB some room (the estimate leaves out ~10%: the CUDA
+    context, fragmentation, temporary buffers), and if not, what would lower it, biggest first."""
+    if p.total <= 0.9 * GPU_GIB:
+        return "yes"
+    ways = [
+        *(["gradient_checkpointing: true"] if not p.stage.gradient_checkpointing else []),
+        *(["FSDP (--accelerate-config 8xh800-fsdp)"] if p.sharding not in SHARDS_PARAMETERS else []),
+        *([f"a smaller batch_size with grad_accum (now {p.stage.batch_size})"] if p.stage.batch_size > 1 else []),
+    ]
+    return "no: " + ("; ".join(ways) if ways else "more GPUs to shard over") + " would lower it"
+
+
 def describe(p: Plan) -> list[tuple[str, str]]:
     """Rows for a table: what, value."""
     stage = p.stage
@@ -190,6 +212,7 @@ def describe(p: Plan) -> list[tuple[str, str]]:
         ("optimizer per GPU", f"{p.optimizer:.2f} GiB"),
         ("activations per GPU", f"{p.activations:.2f} GiB"),
         ("total per GPU (estimate)", f"{p.total:.2f} GiB"),
+        (f"fits an {GPU_GIB} GiB GPU (H800, H100)", fits(p)),
         *([("video cache on disk", f"{p.video_cache_per_clip * 1024:.2f} MiB per training clip (bf16; fp32: twice)")]
           if p.video_cache_per_clip else []),
         *([("video cache", p.video_cache_unused)] if p.video_cache_unused else []),

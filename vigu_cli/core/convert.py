@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +119,22 @@ def folder_class(path: str | Path) -> str:
             f"{path} is not a diffusers pipeline folder (no model_index.json): give a local Wan2.1 "
             "diffusers folder or a vigu folder"
         )
-    return json.loads(index.read_text())["_class_name"]
+    try:
+        return json.loads(index.read_text())["_class_name"]
+    except (ValueError, KeyError, TypeError):
+        raise VigUError(f"{index} is not a pipeline's model_index.json (no \"_class_name\" in a JSON object): the "
+                        "folder is damaged; write it again") from None
+
+
+@contextmanager
+def reading(path: str | Path):
+    """diffusers' errors for a folder with a missing or damaged file (OSError, ValueError) as one line."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise VigUError(f"{path} cannot be loaded: {first} (a file is missing or damaged: write the folder "
+                        "again)") from None
 
 
 def load_pipeline(path: str | Path, recipe: Recipe, **kwargs) -> UniViGUPipeline:
@@ -129,11 +145,14 @@ def load_pipeline(path: str | Path, recipe: Recipe, **kwargs) -> UniViGUPipeline
 
 
 def _load_pipeline(path: str | Path, recipe: Recipe, **kwargs) -> UniViGUPipeline:
+    if Path(path).is_file():
+        raise VigUError(f"model folder {path} is a file: give a local Wan2.1 diffusers folder or a vigu folder")
     if not Path(path).is_dir():
         raise VigUError(f"model folder {path} does not exist: give a local Wan2.1 diffusers folder or a vigu folder")
     kind = folder_class(path)
     if kind == "UniViGUPipeline":
-        return UniViGUPipeline.from_pretrained(path, local_files_only=True, **kwargs)
+        with reading(path):
+            return UniViGUPipeline.from_pretrained(path, local_files_only=True, **kwargs)
     if kind == "WanPipeline":
         # The conversion makes a float32 transformer (`from_wan`): the stock one loads in float32 and the result
         # is cast to the asked dtype as `from_pretrained` casts a saved vigu folder (one rounding, not two).
@@ -148,7 +167,8 @@ def _load_pipeline(path: str | Path, recipe: Recipe, **kwargs) -> UniViGUPipelin
         level = type_check.level
         type_check.setLevel(diffusers_logging.ERROR)
         try:
-            wan = WanPipeline.from_pretrained(path, local_files_only=True, **kwargs)
+            with reading(path):
+                wan = WanPipeline.from_pretrained(path, local_files_only=True, **kwargs)
         finally:
             type_check.setLevel(level)
         if wan.transformer is not None:
@@ -194,7 +214,8 @@ def pipeline_from_recipe(recipe: Recipe, **load_kwargs) -> UniViGUPipeline:
     if folder is None:
         return vigu_from_wan(build_wan_pipeline(recipe, seed=0), recipe)
     pipe = load_pipeline(folder, recipe, **load_kwargs)
-    if folder_class(folder) == "UniViGUPipeline" and pipe.transformer is not None:  # a stock one is checked as it converts
+    # a stock folder's transformer is checked as it converts
+    if folder_class(folder) == "UniViGUPipeline" and pipe.transformer is not None:
         check_architecture(recipe, folder, pipe.transformer.config)
     return pipe
 
@@ -234,9 +255,14 @@ def save_folder(pipeline, out_dir: str | Path) -> Path:
     return out
 
 
-def convert_folder(src: str | Path, dst: str | Path, recipe: Recipe) -> str:
-    """`vigu convert`: stock Wan -> vigu, or vigu -> stock Wan (by what `src` holds). Returns the new kind."""
+def convert_folder(src: str | Path, dst: str | Path, recipe: Recipe, overwrite: bool = False) -> str:
+    """`vigu convert`: stock Wan -> vigu, or vigu -> stock Wan (by what `src` holds). Returns the new kind. An
+    existing `dst` is replaced only with `overwrite`, and never when it is `src`."""
     kind = folder_class(src)
+    if Path(dst).resolve() == Path(src).resolve():
+        raise VigUError(f"{dst} is the folder being converted: write the conversion to another folder")
+    if Path(dst).exists() and not overwrite:
+        raise VigUError(f"{dst} already exists: choose a new folder, or pass --overwrite to replace it")
     if kind == "WanPipeline":
         save_folder(load_pipeline(src, recipe), dst)
         return "UniViGUPipeline"

@@ -204,6 +204,8 @@ class FlowSolver:
             raise ValueError(f"unknown solver '{method}': use euler or heun")
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        if shift <= 0 or (text_shift is not None and text_shift <= 0):
+            raise ValueError(f"the time grid's shift must be above 0, got {shift} (text: {text_shift})")
         if not 0.0 <= video_eta <= 1.0:
             raise ValueError(f"video_eta must be between 0 and 1, got {video_eta}")
         if video_eta > 0 and method != "euler":

@@ -289,6 +289,11 @@ class UniViGUPipeline(WanPipeline):
     ) -> UniViGUPipelineOutput:
         """Video understanding: `video` is pixels `[B, 3, F, H, W]` in [-1, 1] at the model's shape;
         `hint` an optional brief prompt to condition on (the paper's stage-2 setting)."""
+        shape = (3, self.config.num_frames, self.config.height, self.config.width)
+        if video.ndim != 5 or tuple(video.shape[1:]) != shape or not video.is_floating_point():
+            raise ValueError(f"caption takes float pixels [B, {', '.join(map(str, shape))}] in [-1, 1], the model's "
+                             f"shape, got {str(video.dtype).removeprefix('torch.')} {list(video.shape)}: "
+                             "vigu_cli.data.video_io.load_clip fits a video file to a shape, frames_to_tensor converts")
         batch = video.shape[0]
         hints = [""] * batch if hint is None else ([hint] * batch if isinstance(hint, str) else list(hint))
         frozen = Stream(self.encode_video(video), frozen=True)

@@ -167,6 +167,9 @@ def check_compatible(dataset_dir: str | os.PathLike, pipe) -> None:
     """Raise a one-line `VigUError` unless `pipe` has the text encoder, VAE, tokenizers and settings
     that made the cache in `dataset_dir`."""
     info = read_info(dataset_dir)
+    if not hasattr(pipe, "text_tokenizer"):
+        raise VigUError(f"check_compatible takes a vigu pipeline (UniViGUPipeline), got a {type(pipe).__name__}: "
+                        "load the model with vigu_cli.core.convert.load_pipeline, which converts a stock Wan folder")
     fix = "rebuild the cache with this model (`vigu build-dataset ... --overwrite`) or use the model that built it"
     identity = model_identity(pipe)
     for part, label in PARTS.items():

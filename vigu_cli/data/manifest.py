@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import VigUError
+
 INFO = "dataset.json"
 MANIFEST = "manifest.jsonl"
 COMMON = "cache-common.safetensors"
@@ -77,6 +79,23 @@ class ItemLine:
     @classmethod
     def from_json(cls, text: str) -> ItemLine:
         return cls(**json.loads(text))
+
+
+def check_writable(path: str | os.PathLike | None, what: str, folder: bool) -> None:
+    """Before any work: that `path` (None: nothing) can be written as a folder (`folder`) or a file, so that a bad
+    output path stops a command at once, in one line, rather than after the work it was to keep."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        wanted = "folder" if folder else "file"
+        raise VigUError(f"{what} {path} is {'a file' if folder else 'a folder'}: give a {wanted} path")
+    start = path if folder else path.parent
+    existing = next(p for p in (start, *start.parents) if p.exists())
+    if not existing.is_dir():
+        raise VigUError(f"{what} {path}: {existing} is a file, not a folder; give another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise VigUError(f"{what} {path}: {existing} is not writable; give another path")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:

@@ -19,6 +19,8 @@ from vigu_cli.errors import VigUError
 def read_video(path: str | os.PathLike) -> np.ndarray:
     """All frames of a video file as uint8 [F, H, W, 3]."""
     path = Path(path)
+    if path.is_dir():
+        raise VigUError(f"{path}: is a folder, not a video file; give the video's path")
     if not path.is_file():
         raise VigUError(f"{path}: no such video file; check the path")
     try:
