@@ -127,7 +127,7 @@ def run_eval(
     prompted = evaluate.world_prompted(prompts)
     if prompted or hint:
         check_vocabulary(pipe, prompts)
-    settings = {k: v for k, v in pipe.sampling_settings(**options.overrides()).items() if k != "steps"}
+    settings = {k: v for k, v in pipe.recorded_settings(**options.overrides()).items() if k != "steps"}
     report = {"model": options.model, "set": source,
               "sampling": {**settings, "seed": options.seed, "batch": options.batch, "device": str(pipe.device),
                            "dtype": str(pipe.transformer.dtype).removeprefix("torch.")},

@@ -298,7 +298,7 @@ def sample_record(pipe: UniViGUPipeline, options: SamplingOptions, mode: str, sa
     """The sidecar of a sample: what made it and how to make it again."""
     return {
         "mode": mode, **fields, "index": sample.index, "seed": sample.seed,
-        **pipe.sampling_settings(**options.overrides()),
+        **pipe.recorded_settings(**options.overrides()),
         "model": str(options.model), "device": str(pipe.device), "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
         "fps": pipe.config.fps, "batch": options.batch, "seconds": round(sample.seconds, 4),
     }

@@ -218,6 +218,14 @@ class UniViGUPipeline(WanPipeline):
             merged["text_shift"] = merged["shift"]
         return merged
 
+    def recorded_settings(self, **overrides) -> dict:
+        """`sampling_settings` as a sidecar or report records them: without the discrete flow's token-draw settings
+        (`text_temperature`, `text_order`) on a model whose text flow draws no tokens, where they do nothing."""
+        settings = self.sampling_settings(**overrides)
+        if self.text_flow.continuous:
+            del settings["text_temperature"], settings["text_order"]
+        return settings
+
     def _solve(self, video, text, prompts, generator, callback, settings, model_fn=None):
         s = self.sampling_settings(**settings)
         device = self._execution_device
