@@ -90,6 +90,7 @@ def test_two_processes_match_one_process_with_twice_the_batch(tiny_data, tmp_pat
     )
     assert two.returncode == 0, two.stderr[-3000:]
     assert (two.stdout + two.stderr).count("wrote ") == 1  # the final folder is reported by the main process only
+    assert "Writing model shards" not in two.stderr  # diffusers' bars stay out of the run's own output
     a, b = metrics(one.parent / "metrics.jsonl"), metrics(tmp_path / "two" / "recall" / "metrics.jsonl")
     assert [m["step"] for m in a] == [m["step"] for m in b]
     for x, y in zip(a, b):

@@ -110,7 +110,10 @@ def train(
         return
     from accelerate import PartialState
 
+    from .sampling import quiet_libraries
     from .train import train as run
+
+    quiet_libraries()  # stderr carries the run's own progress and its errors
 
     folder = run(loaded, stage, resume=resume)
     if PartialState().is_main_process:  # under torchrun / accelerate launch, once
