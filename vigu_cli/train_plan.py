@@ -142,7 +142,7 @@ def plan(recipe: Recipe, stage_name: str, accelerate_config: str | Path | None =
 
     processes, sharding = read_accelerate_config(accelerate_config)
     check_stage(recipe, stage_name, sharding)
-    shard_all = sharding in ("fsdp", "zero3")
+    shard_all = sharding in SHARDS_PARAMETERS
     shard_states = sharding != "none"
     t, s = latent_factors(recipe)
     p_t, p_h, p_w = arch.patch_size
