@@ -465,3 +465,24 @@ def test_eval_on_a_built_dataset_scores_its_held_out_split(vigu, model_dir, tmp_
     run = vigu("eval", "--model", model_dir, "--data", whole, "--steps", "1", "--json", tmp_path / "whole.json")
     assert run.code == 0 and json.loads((tmp_path / "whole.json").read_text())["set"]["split"] == "all"
     assert f"note: {whole} holds no items out for validation (data.val_every); scoring its training items" in run.stderr
+
+
+def test_quiet_libraries_drops_only_torchs_unactionable_notes(caplog):
+    """The bf16-autocast RMS norm note and torch.compile's note on DDP's profiler range are dropped; other
+    warnings and log records of the same sources still show."""
+    import logging
+    import warnings
+
+    from vigu_cli.sampling import quiet_libraries
+
+    dynamo = logging.getLogger("torch._dynamo.variables.ctx_manager")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_libraries()
+        warnings.warn("Mismatch dtype between input and weight: input dtype = c10::BFloat16, weight dtype = float")
+        warnings.warn("a warning vigu knows nothing about")
+        with caplog.at_level(logging.WARNING, logger=dynamo.name):
+            dynamo.warning("Profiler record function %s will be ignored", "record_function")
+            dynamo.warning("a graph break")
+    assert [str(w.message) for w in seen] == ["a warning vigu knows nothing about"]
+    assert [r.getMessage() for r in caplog.records] == ["a graph break"]

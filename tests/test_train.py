@@ -313,19 +313,26 @@ def test_ema_weights_are_saved_and_checkpointed(tiny_data, tmp_path):
     assert all(torch.equal(b[k], weights(again / "recall")[k]) for k in b)  # deterministic
 
 
-def test_resuming_a_finished_run_keeps_one_line_per_validation(tiny_data, tmp_path):
+def test_resuming_a_finished_run_keeps_one_line_per_validation(tiny_data, tmp_path, capsys):
     extra = ("train.recall.max_steps=4", "train.recall.validate_every=2", "train.recall.val_items=2",
              "train.recall.val_steps=2")
     train(recipe_for(tiny_data, tmp_path, *extra), "recall")
     log = tmp_path / "recall" / "validation.jsonl"
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [2, 4]
+    record = json.loads(log.read_text().splitlines()[0])
+    shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith("validation at step 2 ")]
+    assert shown == [f"validation at step 2 on 2 held-out items; caption {record['caption']['macro']:.3f} "
+                     f"(shape {record['caption']['shape']:.2f}, color {record['caption']['color']:.2f}, "
+                     f"motion {record['caption']['motion']:.2f}); generation {record['generation']['macro']:.3f} "
+                     f"(shape {record['generation']['shape']:.2f}, color {record['generation']['color']:.2f}, "
+                     f"motion {record['generation']['motion']:.2f})"]
     # recall's text target is the prompt: what the model says of a clip is scored as a prompt
     assert set(json.loads(log.read_text().splitlines()[0])["caption"]) == {"shape", "color", "motion", "macro"}
     train(recipe_for(tiny_data, tmp_path, *extra), "recall", resume=True)  # validates and saves again
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [2, 4]
 
 
-def test_validation_on_data_the_worlds_judge_cannot_read_saves_samples_and_null_scores(tiny_data, tmp_path):
+def test_validation_on_data_the_worlds_judge_cannot_read_saves_samples_and_null_scores(tiny_data, tmp_path, capsys):
     """A dataset of the user's own prompts and captions (not the world's phrasings): validation still captions and
     generates its held-out items, `batch_size` at a time, and saves them, but scores nothing (null), rather than
     parse them with the world's grammar."""
@@ -342,6 +349,8 @@ def test_validation_on_data_the_worlds_judge_cannot_read_saves_samples_and_null_
     train(tiny_recipe(f"train.dataset={data}", f"train.output_dir={tmp_path}", *held_out), "refine")
     record = json.loads((tmp_path / "refine" / "validation.jsonl").read_text())
     assert record == {"step": 1, "caption": None, "generation": None}
+    assert ("validation at step 1 on 3 held-out items; caption: not scored (the world's judge does not read this "
+            "data); generation: not scored") in capsys.readouterr().out
     samples = tmp_path / "refine" / "samples" / "step-00000001"
     assert sorted(p.name for p in samples.iterdir()) == ["0-generated.mp4", "0.txt", "1-generated.mp4", "1.txt",
                                                          "2-generated.mp4", "2.txt"]

@@ -37,7 +37,7 @@ from .core.components import build_wan_pipeline
 from .core.objective import unified_objective
 from .build_dataset import dataset_dir
 from .data.cache import CachedDatasets, CachedVideoTextDataset, check_compatible, collate
-from .data.manifest import MANIFEST, check_writable, is_validation, read_lines
+from .data.manifest import MANIFEST, check_writable, is_validation, read_lines, write_text
 from .data.video_io import write_video
 from .errors import VigUError
 from .precision import default_device, fast_bfloat16
@@ -401,6 +401,21 @@ def averaged(ema, params):
         ema.restore(params)
 
 
+def validation_line(record: dict, items: int) -> str:
+    """A validation record as one line: each score's macro, then its attributes."""
+    def scores(name: str) -> str:
+        if name not in record:
+            return ""
+        if record[name] is None:
+            return f"; {name}: not scored (the world's judge does not read this data)"
+        found = record[name]
+        hidden = f", hidden {found['hidden']:.3f}" if "hidden" in found else ""
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in found.items() if k not in ("macro", "hidden"))
+        return f"; {name} {found['macro']:.3f}{hidden} ({parts})"
+
+    return f"validation at step {record['step']} on {items} held-out items" + scores("caption") + scores("generation")
+
+
 def log_step(accelerator, parts, grad_norm, scheduler, step, seconds, batch, ids, global_batch) -> dict:
     """The step's metrics, averaged over processes."""
     values = torch.tensor([parts.get(k, float("nan")) for k in ("loss", "loss_video", "loss_text")], device=accelerator.device)
@@ -456,7 +471,7 @@ def validate(accelerator, pipe, core, recipe: Recipe, stage: StageSection, data:
                 if i < 4:
                     write_video(samples / f"{i}-generated.mp4", video, pipe.config.fps)
                     caption = f"caption: {texts[i]}\n" if texts else ""
-                    (samples / f"{i}.txt").write_text(f"prompt: {prompts[i]}\n{caption}")
+                    write_text(samples / f"{i}.txt", f"prompt: {prompts[i]}\n{caption}")
         record = {"step": step}
         if stage.text_target == "prompt":
             record["caption"] = prompt_accuracy(texts, prompts) if prompted else None
@@ -466,6 +481,6 @@ def validate(accelerator, pipe, core, recipe: Recipe, stage: StageSection, data:
         record["generation"] = prompt_following(measured, prompts) if prompted else None
         with (root / "validation.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
-        accelerator.print(json.dumps(record))
+        accelerator.print(validation_line(record, len(held_out)))
         core.train(was_training)
     accelerator.wait_for_everyone()
