@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from conftest import TINY_WAN_VAE, tiny_recipe
-from test_captioners import TIMEOUT, FakeChatServer, free_closed_port, no_proxies, tiny_vlm  # noqa: F401 (fixtures)
+from test_captioners import (TIMEOUT, FakeChatServer, free_closed_port, no_proxies, tiny_vlm,  # noqa: F401 (fixtures)
+                             world_prompt)
 from vigu_cli import cli
 from vigu_cli.build_dataset import build_dataset, summary_table
 from vigu_cli.core.convert import WORLD_PRETRAINED, load_pipeline, pipeline_from_recipe
@@ -237,13 +238,14 @@ def test_rerun_resumes_grows_and_refuses_other_settings(reference, tmp_path):
 
 
 def write_clips(folder, names, num_frames=17):
-    """World clips at 32x32 as mp4, each with a sidecar prompt that names it (the fake server's key)."""
+    """World clips at 32x32 as mp4, each with a sidecar prompt that names it (`world_prompt`: the fake server's key)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(5)
     for name in names:
         spec = world.sample_clip(rng, 32, 32, num_frames)
         write_video(folder / f"{name}.mp4", world.render(spec), 8)
-        (folder / f"{name}.txt").write_text(f"{world.prompt_text(spec)} ({name})\n")
+        prompt = world_prompt(name) if name.startswith("clip-") else world.prompt_text(spec)
+        (folder / f"{name}.txt").write_text(f"{prompt}\n")
 
 
 OPENAI = [
@@ -317,17 +319,36 @@ def test_a_refused_key_stops_the_build_after_writing_the_shard_and_a_rerun_finis
     assert [line.status for line in report.lines] == ["ok"] * 6 and set(good.requests) == set(names)
 
 
+def test_words_the_model_cannot_read_reject_the_item_and_are_named(tmp_path):
+    """A prompt or a caption with words the model's (word-level) vocabulary lacks would train on unknown tokens:
+    the item is rejected, for good, with the words named; the prompt's before any video or caption is made."""
+    folder, out = tmp_path / "clips", tmp_path / "data"
+    write_clips(folder, ["clip-00", "clip-01", "clip-02"])
+    (folder / "clip-02.txt").write_text("a cat surfing\n")
+    with FakeChatServer(defaultdict(list, {"clip-01": ["foreign"]})) as server:
+        report = build_dataset(files_recipe(folder, out, f"data.captioner.base_url={server.url}"))
+    lines = {line.id: line for line in report.lines}
+    assert {name: (line.status, line.reason) for name, line in lines.items()} == {
+        "clip-00": ("ok", None), "clip-01": ("rejected", "caption_unknown_words"),
+        "clip-02": ("rejected", "prompt_unknown_words")}
+    assert lines["clip-01"].detail == "the model's vocabulary lacks 'surfs', 'wave'" and lines["clip-01"].caption is None
+    assert lines["clip-02"].detail == "the model's vocabulary lacks 'cat', 'surfing'" and lines["clip-02"].video is None
+    assert dict(server.requests) == {"clip-00": 1, "clip-01": 1}  # the unreadable prompt is never captioned
+    assert [item_id for item_id, _ in CachedVideoTextDataset(out, "all").items] == ["clip-00"]
+    assert not any(is_retryable(line.reason) for line in report.lines)  # a rerun keeps both rejections
+
+
 def test_files_generator_skips_a_corrupt_or_short_video_by_name(tmp_path):
     folder, out = tmp_path / "clips", tmp_path / "data"
     good, short, broken, unprompted = ["clip-10", "clip-11", "clip-12"], "clip-13", "clip-14", "clip-15"
     write_clips(folder, good)
     write_clips(folder, [short], num_frames=5)
     (folder / f"{broken}.mp4").write_bytes(os.urandom(3000))
-    (folder / f"{broken}.txt").write_text(f"a red circle moving left ({broken})\n")
+    (folder / f"{broken}.txt").write_text(f"{world_prompt(broken)}\n")
     write_video(folder / f"{unprompted}.mp4", world.render(world.sample_clip(np.random.default_rng(1), 32, 32, 17)), 8)
     wordy = "clip-16"
     write_clips(folder, [wordy])
-    (folder / f"{wordy}.txt").write_text(f"a red circle {'and a red circle ' * 4}moving left ({wordy})\n")
+    (folder / f"{wordy}.txt").write_text(f"a red circle {'and a red circle ' * 5}moving left\n")
     with FakeChatServer(defaultdict(list)) as server:
         report = build_dataset(files_recipe(folder, out, f"data.captioner.base_url={server.url}"))
     lines = {line.id: line for line in report.lines}
@@ -338,7 +359,7 @@ def test_files_generator_skips_a_corrupt_or_short_video_by_name(tmp_path):
     assert str(folder / f"{broken}.mp4") in lines[broken].detail and "cannot be read" in lines[broken].detail
     assert "has 5 frames, fewer than the 9 needed" in lines[short].detail
     assert lines[good[0]].source == str(folder / f"{good[0]}.mp4") and lines[good[0]].prompt_from == f"{good[0]}.txt"
-    assert (lines[wordy].status, lines[wordy].reason, lines[wordy].prompt_tokens) == ("rejected", "prompt_too_long", 26)
+    assert (lines[wordy].status, lines[wordy].reason, lines[wordy].prompt_tokens) == ("rejected", "prompt_too_long", 25)
     assert lines[wordy].video is None  # the prompt rule comes before any video
     assert set(server.requests) == set(good)  # skipped and rejected items are never captioned
     dataset = CachedVideoTextDataset(out, "all")
@@ -375,8 +396,7 @@ def test_transformers_captioner_in_a_build(tiny_vlm, tmp_path):  # noqa: F811 (f
 def test_wan_generator_with_a_tiny_stock_folder_and_a_prompts_file(tiny_wan_vae_dir, tmp_path):
     """The Wan recipes' combination: a .txt of prompts -> WanPipeline from a local folder -> an openai captioner."""
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle moving left (clip-00)\n\na blue square staying still (clip-01)\n"
-                       "a green triangle moving up (clip-02)\n")
+    prompts.write_text(f"{world_prompt('clip-00')}\n\n{world_prompt('clip-01')}\n{world_prompt('clip-02')}\n")
     with FakeChatServer(defaultdict(list)) as server:
         recipe = tiny_recipe(
             f"model.base={tiny_wan_vae_dir}", "data.generator.backend=wan", "data.generator.steps=2",

@@ -18,6 +18,7 @@ import pytest
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from vigu_cli.data import world
 from vigu_cli.errors import VigUError
 from vigu_cli.synth import retry
 from vigu_cli.synth.captioners import (
@@ -42,7 +43,7 @@ def word_tokenizer(words=(), special=()):
 
 
 def words(count):
-    return " ".join(["word"] * count)
+    return " ".join(["red"] * count)  # a word of the world's vocabulary, one token
 
 
 @pytest.fixture(autouse=True)
@@ -176,6 +177,21 @@ SCENARIOS = {
 }
 
 
+# the world's 90 prompts: the build tests give item clip-NN the prompt WORLD_PROMPTS[NN], in the world's vocabulary
+WORLD_PROMPTS = sorted({world.prompt_text(spec) for spec in world.every_spec()})
+
+
+def world_prompt(name: str) -> str:
+    return WORLD_PROMPTS[int(name.removeprefix("clip-"))]
+
+
+def item_name(text: str) -> str:
+    """The item a request is for: the `(clip-NN)` its prompt names, or clip-NN for the world prompt NN."""
+    if tagged := re.search(r"\((clip-\d+)\)", text):
+        return tagged.group(1)
+    return next(f"clip-{i:02d}" for i, prompt in enumerate(WORLD_PROMPTS) if f'"{prompt}"' in text)
+
+
 class FakeChatServer:
     """A chat-completions endpoint on 127.0.0.1 that answers each item's k-th request with its script's
     k-th behaviour, and records what it received. Requests in flight are counted only while the client
@@ -226,6 +242,8 @@ class FakeChatServer:
                 fake._leave()
                 if behaviour in LENGTHS:
                     self._send(200, {"choices": [{"message": {"content": words(LENGTHS[behaviour])}}]})
+                elif behaviour == "foreign":  # a good length, in words the world's vocabulary lacks
+                    self._send(200, {"choices": [{"message": {"content": f"{words(9)} surfs a wave"}}]})
                 elif behaviour == "not_json":
                     self._send(200, b"<html>upstream hiccup</html>")
                 elif behaviour == "no_choices":
@@ -254,7 +272,7 @@ class FakeChatServer:
             header, data = url.split(",", 1)
             image = iio.imread(base64.b64decode(data), extension=".png")
             decoded.append((header, image.shape, float(image.mean())))
-        item = re.search(r"\((clip-\d+)\)", text).group(1)
+        item = item_name(text)
         with self.lock:
             k = self.requests[item]
             self.requests[item] += 1
@@ -439,7 +457,6 @@ def test_transformers_backend_explains_a_missing_or_broken_folder(tmp_path):
 
 
 def test_world_captions_parse_back_to_the_spec():
-    from vigu_cli.data import world
 
     rng = np.random.default_rng(0)
     specs = [world.sample_clip(rng) for _ in range(8)]
@@ -460,7 +477,6 @@ def test_measure_captions_say_what_the_clip_shows_and_reject_a_clip_without_its_
     """The `measure` backend reads the frames, not a ClipSpec: a rendered clip's caption parses back to its ground
     truth, a clip drawn for another spec is captioned as what it shows, and a frame without the shape (nothing
     to say where it went) rejects the clip as `unmeasurable`."""
-    from vigu_cli.data import world
 
     rng = np.random.default_rng(1)
     specs = [world.sample_clip(rng) for _ in range(6)]

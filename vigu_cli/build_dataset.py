@@ -47,7 +47,7 @@ from .data.video_io import write_video
 from .errors import VigUError
 from .precision import resolve_dtype
 from .recipe import Recipe
-from .synth.captioners import CaptionItem, Captioner, count_tokens, make_captioner
+from .synth.captioners import CaptionItem, Captioner, count_tokens, make_captioner, unknown_words
 from .synth.generators import Clip, VideoGenerator, make_generator
 from .synth.prompts import PlannedItem, plan_items
 
@@ -384,10 +384,12 @@ class ShardBuilder:
         )
         progress.advance("captions", len(results))
         for (item, clip), result in zip(captioned, results, strict=True):
-            record(item, "ok" if result.ok else "rejected", reason=result.reason, caption=result.caption,
-                   caption_tokens=result.num_tokens, attempts=result.attempts,
-                   video=f"{VIDEOS}/{item.id}.mp4" if data.keep_videos else None)
-            if result.ok:
+            unreadable = self.unreadable(result.caption) if result.ok else None
+            ok = result.ok and unreadable is None
+            record(item, "ok" if ok else "rejected", reason="caption_unknown_words" if unreadable else result.reason,
+                   detail=unreadable, caption=result.caption if ok else None, caption_tokens=result.num_tokens,
+                   attempts=result.attempts, video=f"{VIDEOS}/{item.id}.mp4" if data.keep_videos else None)
+            if ok:
                 tensors.update(item_tensors(self.pipe, item.id, clip.frames, item.prompt, result.caption,
                                             data.latents_dtype, data.embeds_dtype))
                 progress.advance("cache")
@@ -408,7 +410,16 @@ class ShardBuilder:
             return "rejected", "prompt_too_long", f"{tokens} tokens, more than {data.max_prompt_tokens}"
         if tokens < data.min_prompt_tokens:
             return "rejected", "prompt_too_short", f"{tokens} tokens, fewer than {data.min_prompt_tokens}"
+        if unreadable := self.unreadable(item.prompt):
+            return "rejected", "prompt_unknown_words", unreadable
         return None
+
+    def unreadable(self, text: str) -> str | None:
+        """Which words of `text` the model's tokenizers (prompt and text stream) map to their unknown token: a
+        word-level vocabulary such as the world's lacks most words; subword ones such as umT5's read nearly all."""
+        tokenizers = dict.fromkeys([self.pipe.tokenizer, self.pipe.text_tokenizer])
+        words = list(dict.fromkeys(word for tokenizer in tokenizers for word in unknown_words(tokenizer, text)))
+        return f"the model's vocabulary lacks {', '.join(map(repr, words))}" if words else None
 
     def _clips(self, valid: Sequence[PlannedItem], kept: dict) -> list[tuple[PlannedItem, Clip]]:
         """Clips of the valid items not kept. Batches are fixed runs of the shard's valid items, so an

@@ -36,6 +36,7 @@ from .data.video_io import frames_to_tensor, load_clip, write_video
 from .errors import VigUError
 from .precision import default_device, resolve_dtype
 from .recipe import load_recipe
+from .synth.captioners import unknown_words
 
 DEFAULT_MODEL = "runs/demo/model"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -184,14 +185,6 @@ def read_inputs(given: Optional[list[str]], file: Optional[str], what: str) -> l
     if not items:
         raise VigUError(f"no {what} given: pass one or more {what.upper()} arguments or --{what}s-file FILE")
     return items
-
-
-def unknown_words(tokenizer, text: str) -> list[str]:
-    """Words (and punctuation) of `text` that the tokenizer maps to its unknown token."""
-    if tokenizer.unk_token_id is None:
-        return []
-    words = dict.fromkeys(re.findall(r"\w+|[^\w\s]", text))
-    return [w for w in words if tokenizer.unk_token_id in tokenizer(w, add_special_tokens=False).input_ids]
 
 
 def known_words(tokenizer, limit: int = 200) -> Optional[list[str]]:

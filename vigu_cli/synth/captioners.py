@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import string
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -148,6 +149,15 @@ class Reply:
 def count_tokens(tokenizer: Any, text: str) -> int:
     """Tokens of `text` under a Hugging Face tokenizer, special tokens not counted."""
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def unknown_words(tokenizer: Any, text: str) -> list[str]:
+    """Words (and punctuation) of `text` that the tokenizer maps to its unknown token."""
+    unk = tokenizer.unk_token_id
+    if unk is None or unk not in tokenizer(text, add_special_tokens=False).input_ids:  # one call for most texts
+        return []
+    words = dict.fromkeys(re.findall(r"\w+|[^\w\s]", text))
+    return [w for w in words if unk in tokenizer(w, add_special_tokens=False).input_ids]
 
 
 def item_seed(seed: int, key: str) -> int:
