@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -91,3 +92,14 @@ def test_ctrl_c_is_one_line_saying_how_to_go_on(monkeypatch, capsys):
     assert exit.value.code == 130
     assert capsys.readouterr().err.strip().splitlines() == [
         "interrupted: what was finished is kept; run the same command again to go on (vigu train: add --resume)"]
+
+
+def test_the_command_line_makes_openmp_threads_wait_passively_unless_told_otherwise():
+    """Spinning OpenMP threads stall a small model next to any other busy process (10x, README): the CLI sets
+    OMP_WAIT_POLICY=PASSIVE before torch loads, and keeps a user's own setting."""
+    probe = "import os, vigu_cli.cli, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    unset = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    given = subprocess.run([sys.executable, "-c", probe], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                           capture_output=True, text=True, check=True)
+    assert (unset.stdout.strip(), given.stdout.strip()) == ("PASSIVE", "ACTIVE")

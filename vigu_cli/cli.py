@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional, get_type_hints
@@ -14,6 +15,12 @@ from rich.console import Console
 
 from .errors import VigUError
 from .recipe import dump_recipe, load_recipe
+
+# OpenMP's threads spin while they wait for work (its default, ACTIVE): next to any other busy process, a small
+# model's many short parallel regions stall on a descheduled thread. `vigu generate` on the demo's model, 2 cores,
+# another process busy on one of them: 63 s spinning, 6.7 s passive. Set before torch loads OpenMP (this module
+# imports no torch); a user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 app = typer.Typer(
     name="vigu",
