@@ -336,6 +336,10 @@ def test_words_the_model_cannot_read_reject_the_item_and_are_named(tmp_path):
     assert dict(server.requests) == {"clip-00": 1, "clip-01": 1}  # the unreadable prompt is never captioned
     assert [item_id for item_id, _ in CachedVideoTextDataset(out, "all").items] == ["clip-00"]
     assert not any(is_retryable(line.reason) for line in report.lines)  # a rerun keeps both rejections
+    console = Console(record=True, width=250)
+    console.print(summary_table(report))
+    text = console.export_text()
+    assert "prompt_unknown_words" in text and "the model's vocabulary lacks 'cat', 'surfing'" in text
 
 
 def test_files_generator_skips_a_corrupt_or_short_video_by_name(tmp_path):
@@ -445,6 +449,9 @@ TRANSFORMERS = ["--set", "data.captioner.backend=transformers", "--set", "data.c
         (["--set", "data.captioner.backend=openai", "--set", "data.captioner.max_caption_tokens=31",
           "--set", "data.captioner.base_url=http://127.0.0.1:{port}/v1"],
          "error: caption endpoint http://127.0.0.1:{port}/v1 is unreachable"),
+        (["--set", "data.captioner.backend=openai", "--set", "data.captioner.max_caption_tokens=31",
+          "--set", "data.captioner.base_url=localhost:{port}"],
+         "error: data.captioner.base_url 'localhost:{port}' is not an http(s) URL: write it whole"),
         (["--set", "data.prompts=/nowhere/prompts.txt", "--set", "data.generator.backend=wan", *TRANSFORMERS],
          "error: prompts file /nowhere/prompts.txt not found: set data.prompts"),
         (["--set", "data.generator.backend=files", "--set", "data.generator.path=/nowhere", "--set",

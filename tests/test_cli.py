@@ -56,16 +56,32 @@ def test_convert_round_trip_on_the_command_line(tiny_wan_dir, tmp_path):
     same = vigu("convert", str(tmp_path / "vigu"), str(tmp_path / "vigu"), "--overwrite")
     assert same.returncode == 1 and "is the folder being converted" in same.stderr
     assert json.loads((tmp_path / "vigu" / "model_index.json").read_text())["_class_name"] == "UniViGUPipeline"
-    replaced = vigu("convert", str(tmp_path / "vigu"), str(tmp_path / "mine"), "--overwrite")
-    assert replaced.returncode == 0 and not (tmp_path / "mine" / "notes.txt").exists()
-    assert json.loads((tmp_path / "mine" / "model_index.json").read_text())["_class_name"] == "WanPipeline"
+    # --overwrite replaces a model folder only: not a user's folder, not a folder holding SRC, not a file
+    mine = vigu("convert", str(tmp_path / "vigu"), str(tmp_path / "mine"), "--overwrite")
+    assert mine.returncode == 1 and (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert mine.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'mine'} is not a model folder (no model_index.json): --overwrite replaces model folders "
+        "only; choose a new folder")
+    parent = vigu("convert", str(tmp_path / "vigu"), str(tmp_path), "--overwrite")
+    assert parent.returncode == 1 and "holds the folder being converted" in parent.stderr
+    (tmp_path / "file.txt").write_text("mine")
+    file = vigu("convert", str(tmp_path / "vigu"), str(tmp_path / "file.txt"), "--overwrite")
+    assert file.stderr.strip().splitlines() == [f"error: DST {tmp_path / 'file.txt'} is a file: give a folder path"]
+    assert (tmp_path / "file.txt").read_text() == "mine"
+    replaced = vigu("convert", str(tmp_path / "vigu"), str(tmp_path / "wan"), "--overwrite")
+    assert replaced.returncode == 0
+    assert json.loads((tmp_path / "wan" / "model_index.json").read_text())["_class_name"] == "WanPipeline"
+    # readable by others as the umask allows (tempfile makes folders 0700, safetensors files 0600)
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {oct(p.stat().st_mode & 0o777) for p in [tmp_path / "wan", *(tmp_path / "wan").rglob("*")]}
+    assert modes == {oct(0o777 & ~mask), oct(0o666 & ~mask)}
     # a recipe that describes another model is refused, not ignored: its text stream and shape would be wrong here
     other = vigu("convert", str(tiny_wan_dir), str(tmp_path / "other"), *tiny, "--set", "model.transformer.num_layers=3")
     assert other.returncode == 1 and not (tmp_path / "other").exists()
     assert other.stderr.strip().splitlines()[-1:] == [  # after diffusers' loading bars
         f"error: the model in {tiny_wan_dir} is not the one recipe 'world-tiny' describes (num_layers is 2 there, 3 in "
-        "the recipe): pass the recipe of that model (such as --recipe wan2.1-t2v-1.3b) or make model.transformer "
-        "match the folder"]
+        "the recipe): pass the recipe of that model or make model.transformer match the folder"]
 
 
 def test_convert_missing_folder_is_one_line(tmp_path):

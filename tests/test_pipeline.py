@@ -17,6 +17,7 @@ from vigu_cli.core.pipeline import UniViGUPipeline
 from vigu_cli.data import world
 from vigu_cli.data.video_io import frames_to_tensor
 from vigu_cli.errors import VigUError
+from vigu_cli.recipe import load_recipe
 
 PROMPT = "a red circle moving left"
 SAMPLING = dict(steps=4, shift=3.0, guidance=4.0)
@@ -78,6 +79,10 @@ def test_a_recipe_that_does_not_describe_its_model_folder_is_one_clear_error(tin
     assert pipeline_from_recipe(tiny_recipe(f"model.base={tiny_wan_dir}")).transformer.config.num_layers == 2
     with pytest.raises(VigUError, match=r"num_layers is 2 there, 3 in the recipe\): pass the recipe of that model"):
         pipeline_from_recipe(tiny_recipe(f"model.base={tiny_wan_dir}", "model.transformer.num_layers=3"))
+    # a folder one of the shipped recipes describes: that recipe is named
+    shipped = load_recipe("wan2.1-t2v-1.3b", ["model.base=world-pretrained"])
+    with pytest.raises(VigUError, match=r"in the recipe\): pass --recipe world-tiny or make model.transformer match"):
+        pipeline_from_recipe(shipped)
 
 
 def test_save_load_round_trip_identical_for_all_three_modes(tiny_wan_dir, tmp_path):

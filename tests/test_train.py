@@ -332,6 +332,21 @@ def test_resuming_a_finished_run_keeps_one_line_per_validation(tiny_data, tmp_pa
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [2, 4]
 
 
+def test_validation_on_a_dataset_with_nothing_held_out_says_so_and_writes_no_scores(tiny_data, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    info = json.loads((data / "dataset.json").read_text())
+    info["split"]["val_every"] = 0
+    (data / "dataset.json").write_text(json.dumps(info))
+    train(tiny_recipe(f"train.dataset={data}", f"train.output_dir={tmp_path}", "train.recall.max_steps=1"), "recall")
+    assert (tmp_path / "recall" / "model" / "model_index.json").is_file()
+    assert not (tmp_path / "recall" / "validation.jsonl").exists()
+    assert (f"validation at step 1: {data} holds no held-out items (data.val_every 0; 0 holds none out): build it "
+            "with more items or a smaller data.val_every; skipped") in capsys.readouterr().out
+
+
 def test_validation_on_data_the_worlds_judge_cannot_read_saves_samples_and_null_scores(tiny_data, tmp_path, capsys):
     """A dataset of the user's own prompts and captions (not the world's phrasings): validation still captions and
     generates its held-out items, `batch_size` at a time, and saves them, but scores nothing (null), rather than

@@ -174,6 +174,9 @@ def check_settings(recipe: Recipe) -> None:
 def check_endpoint(config) -> None:
     """Fail before any work when the caption server cannot be reached (a TCP connection to it)."""
     url = urllib.parse.urlsplit(config.base_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise VigUError(f"data.captioner.base_url {config.base_url!r} is not an http(s) URL: write it whole, e.g. "
+                        "http://localhost:8000/v1")
     if urllib.request.getproxies().get(url.scheme) and not urllib.request.proxy_bypass(url.hostname or ""):
         return  # requests go through a proxy: the captioner reports what happens there
     try:
@@ -515,9 +518,10 @@ def summary_table(report: BuildReport) -> Table:
     table.add_column("detail")
     for (status, reason), count in sorted(outcomes.items(), key=lambda entry: (entry[0][0] != "ok", entry[0])):
         examples = [line for line in report.lines if (line.status, line.reason) == (status, reason)]
-        detail = "retried by the next run" if reason and not examples[0].final else ""
-        if status == "skipped":
-            detail = "; ".join(line.detail for line in examples[:3]) + (" ..." if len(examples) > 3 else "")
+        details = [line.detail for line in examples if line.detail]  # what was wrong (the words, the file, ...)
+        detail = "retried by the next run" if reason and not examples[0].final else "; ".join(details[:3])
+        if detail and len(details) > 3:
+            detail += " ..."
         table.add_row("made" if status == "ok" else status, reason or "", str(count), detail)
     table.add_row("total", "", str(len(report.lines)), "")
     pending = sum(not line.final for line in report.lines)

@@ -57,7 +57,9 @@ def convert(
 ) -> None:
     """Stock Wan2.1 folder -> vigu folder (new text parameters per the recipe), or vigu -> stock Wan."""
     from .core.convert import convert_folder
+    from .sampling import quiet_libraries
 
+    quiet_libraries()
     made = convert_folder(src, dst, load_recipe(recipe, set_), overwrite=overwrite)
     console.print(f"wrote {dst} ({made})")
 
@@ -80,7 +82,9 @@ def build_dataset(
     from rich.console import Console as StdoutConsole
 
     from .build_dataset import build_dataset as build, summary_table
+    from .sampling import quiet_libraries
 
+    quiet_libraries()
     loaded = load_recipe(recipe, set_)
     loaded.data.out = out or loaded.data.out
     loaded.data.num_items = loaded.data.num_items if num_items is None else num_items

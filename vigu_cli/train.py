@@ -438,15 +438,18 @@ def validate(accelerator, pipe, core, recipe: Recipe, stage: StageSection, data:
     """Caption and generate held-out items, `stage.batch_size` at a time (item i sampled with seed `stage.seed + i`),
     score them with the world's judge where it reads the data (world captions, world prompts; else the scores are
     null), save the first few as mp4 + txt."""
+    held_out = []
     if accelerator.is_main_process and stage.val_items:
+        every = json.loads((data / "dataset.json").read_text())["split"]["val_every"]
+        held_out = [line for line in read_lines(data / MANIFEST)
+                    if line.status == "ok" and is_validation(line.index, every)][: stage.val_items]
+        if not held_out:
+            accelerator.print(f"validation at step {step}: {data} holds no held-out items (data.val_every {every}; 0 "
+                              "holds none out): build it with more items or a smaller data.val_every; skipped")
+    if held_out:
         was_training = core.training
         core.eval()
         pipe.transformer = core
-        info = json.loads((data / "dataset.json").read_text())
-        held_out = [
-            line for line in read_lines(data / MANIFEST)
-            if line.status == "ok" and is_validation(line.index, info["split"]["val_every"])
-        ][: stage.val_items]
         dataset = CachedVideoTextDataset(data, split="val")
         by_id = {item_id: i for i, (item_id, _) in enumerate(dataset.items)}
         prompts = [line.prompt for line in held_out]

@@ -25,9 +25,10 @@ from diffusers import WanPipeline, WanTransformer3DModel
 from diffusers.utils import logging as diffusers_logging
 from transformers import AutoTokenizer
 
+from ..data.manifest import check_writable, umask_mode
 from ..data.world_text import build_world_tokenizer
 from ..errors import VigUError
-from ..recipe import ModelSection, Recipe
+from ..recipe import ModelSection, Recipe, available_recipes, load_recipe
 from .components import build_wan_pipeline
 from .model import UniViGUTransformer
 from .pipeline import UniViGUPipeline
@@ -225,14 +226,16 @@ def check_architecture(recipe: Recipe, folder: str | Path, config) -> None:
     a recipe that says otherwise (an override meant for a model built from scratch, the wrong recipe for a
     checkpoint) would leave its memory estimates and benchmarks describing another model, and a stock Wan folder
     converted with it would take the recipe's text stream, shape and sampling settings for another model."""
-    differ = [f"{key} is {config[key]} there, {value} in the recipe"
-              for key, value in vars(recipe.model.transformer).items()
-              if key in config and list(np.atleast_1d(config[key])) != list(np.atleast_1d(value))]
-    if differ:
-        raise VigUError(
-            f"the model in {folder} is not the one recipe '{recipe.name}' describes ({'; '.join(differ)}): pass the "
-            "recipe of that model (such as --recipe wan2.1-t2v-1.3b) or make model.transformer match the folder"
-        )
+    def differences(candidate: Recipe) -> list[str]:
+        return [f"{key} is {config[key]} there, {value} in the recipe"
+                for key, value in vars(candidate.model.transformer).items()
+                if key in config and list(np.atleast_1d(config[key])) != list(np.atleast_1d(value))]
+
+    if differ := differences(recipe):
+        fits = [name for name in available_recipes() if not differences(load_recipe(name))]
+        which = f"--recipe {' or '.join(fits)}" if fits else "the recipe of that model"
+        raise VigUError(f"the model in {folder} is not the one recipe '{recipe.name}' describes ({'; '.join(differ)}): "
+                        f"pass {which} or make model.transformer match the folder")
 
 
 def save_folder(pipeline, out_dir: str | Path) -> Path:
@@ -242,6 +245,7 @@ def save_folder(pipeline, out_dir: str | Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         pipeline.save_pretrained(tmp, safe_serialization=True)
+        umask_mode(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
@@ -259,10 +263,16 @@ def convert_folder(src: str | Path, dst: str | Path, recipe: Recipe, overwrite: 
     """`vigu convert`: stock Wan -> vigu, or vigu -> stock Wan (by what `src` holds). Returns the new kind. An
     existing `dst` is replaced only with `overwrite`, and never when it is `src`."""
     kind = folder_class(src)
-    if Path(dst).resolve() == Path(src).resolve():
-        raise VigUError(f"{dst} is the folder being converted: write the conversion to another folder")
+    source, target = Path(src).resolve(), Path(dst).resolve()
+    if target == source or target in source.parents:
+        raise VigUError(f"{dst} {'is' if target == source else 'holds'} the folder being converted: write the "
+                        "conversion to another folder")
+    check_writable(dst, "DST", folder=True)
     if Path(dst).exists() and not overwrite:
         raise VigUError(f"{dst} already exists: choose a new folder, or pass --overwrite to replace it")
+    if Path(dst).exists() and not (Path(dst) / "model_index.json").is_file():
+        raise VigUError(f"{dst} is not a model folder (no model_index.json): --overwrite replaces model folders "
+                        "only; choose a new folder")
     if kind == "WanPipeline":
         save_folder(load_pipeline(src, recipe), dst)
         return "UniViGUPipeline"

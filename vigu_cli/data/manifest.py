@@ -98,6 +98,15 @@ def check_writable(path: str | os.PathLike | None, what: str, folder: bool) -> N
         raise VigUError(f"{what} {path}: {existing} is not writable; give another path")
 
 
+def umask_mode(path: Path) -> None:
+    """`path` and everything under it readable as the umask allows a new file (`tempfile.mkdtemp` makes folders
+    0700 and safetensors writes files 0600: a model or dataset others on the machine could not read)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Call `write(temporary)` for a temporary path next to `path`, flush it to disk, rename it to `path`."""
     path = Path(path)
@@ -107,6 +116,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
         write(temporary)
         with open(temporary, "rb+") as handle:
             os.fsync(handle.fileno())
+        umask_mode(temporary)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
