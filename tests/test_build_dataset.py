@@ -223,6 +223,10 @@ def test_rerun_resumes_grows_and_refuses_other_settings(reference, tmp_path):
     grown = build_dataset(world_recipe(out))  # 64 items: only the short last shard is redone
     assert grown.made == 4 and grown.done_before == 7
     assert_same_dataset(reference[0], out)
+    with pytest.raises(VigUError, match=r"holds 64 items and this run plans 8 .*: it would drop 56; ask for 64 or "
+                                        r"more, or pass --overwrite to rebuild it"):
+        build_dataset(world_recipe(out, "data.num_items=8"))  # a smaller -n would silently drop finished items
+    assert len(read_lines(out / "manifest.jsonl")) == 64
 
     with pytest.raises(VigUError, match=r"other settings \(data.seed: 0 -> 1\): re-run with --overwrite") as info:
         build_dataset(world_recipe(out, "data.seed=1"))

@@ -90,6 +90,7 @@ def build_dataset(recipe: Recipe, *, overwrite: bool = False, console: Console |
     check_writable(root, "data.out", folder=True)
     plan = plan_items(data, recipe.model)
     check_existing(root, {"settings": content_settings(recipe, state.device)}, overwrite)  # before loading models
+    check_not_shrinking(root, len(plan), overwrite)
     with _reporting(console):
         pipe = encoding_pipeline(recipe, state.device)
         info = start_info(recipe, pipe, state.device)
@@ -263,6 +264,16 @@ def check_existing(root: Path, info: dict, overwrite: bool) -> None:
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise VigUError(f"{root} holds a dataset made with other settings ({'; '.join(changed[:3])}{more}): re-run "
                         "with --overwrite to rebuild it, or give another folder with --out")
+
+
+def check_not_shrinking(root: Path, planned: int, overwrite: bool) -> None:
+    """A finished dataset of more items than this run plans would silently lose the rest (and a later run with
+    the larger count would make them again): refused without `overwrite`."""
+    held = read_info(root).get("items", 0) if (root / INFO).is_file() else 0
+    if held > planned and not overwrite:
+        raise VigUError(f"{root} holds {held} items and this run plans {planned} (-n / data.num_items, or the "
+                        f"prompts it reads): it would drop {held - planned}; ask for {held} or more, or pass "
+                        "--overwrite to rebuild it")
 
 
 def _short(value) -> str:
