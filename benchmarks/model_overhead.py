@@ -31,17 +31,23 @@ from vigu_cli.recipe import load_recipe
 
 
 def matmul_flops(arch: dict, video_tokens: int, text_tokens: int, prompt_tokens: int, text_width: int) -> float:
-    """Forward FLOPs (2 per multiply-add) of the matmuls of one forward pass."""
+    """Forward FLOPs (2 per multiply-add) of the matmuls of one forward pass. `arch` may carry the text stream's
+    layout (`video_attends_text`, `text_video_keys`, `text_cross_attention`; default: the paper's joint attention)."""
     d, ffn, layers = arch["num_attention_heads"] * arch["attention_head_dim"], arch["ffn_dim"], arch["num_layers"]
-    s = video_tokens + text_tokens
+    n, t = video_tokens, text_tokens
+    s = n + t
+    joint = arch.get("video_attends_text", True)
     per_layer = (
         2 * s * 4 * d * d  # attn1 q, k, v, out
-        + 4 * s * s * d  # attn1 scores and weighted sum
+        + (4 * s * s * d if joint else 4 * n * n * d + 4 * t * s * d)  # attn1 scores and weighted sum
         + 2 * s * 2 * d * d  # attn2 q, out
         + 2 * prompt_tokens * 2 * d * d  # attn2 k, v of the prompt
         + 4 * s * prompt_tokens * d  # attn2 scores and weighted sum
         + 2 * s * 2 * d * ffn  # ffn (video) / ffn_text (text), same width
     )
+    if t:  # the text's own projections of what the video tokens and the prompt offer it
+        per_layer += 2 * n * 2 * d * d * (not joint and arch.get("text_video_keys") == "text")
+        per_layer += 2 * prompt_tokens * 2 * d * d * (arch.get("text_cross_attention") == "own")
     patch_values = arch["in_channels"] * math.prod(arch["patch_size"])
     outside = (
         2 * video_tokens * 2 * d * patch_values  # patch embedding, proj_out
@@ -95,8 +101,9 @@ def bench(name: str, arch: dict, text: dict, video_shape: tuple, text_tokens: in
                 start = time.perf_counter()
                 fn()
                 times[key].append(time.perf_counter() - start)
-    expected = matmul_flops(arch, video_tokens, text_tokens, prompt_tokens, d_t) / matmul_flops(
-        arch, video_tokens, 0, prompt_tokens, d_t
+    layout = {**arch, **text}
+    expected = matmul_flops(layout, video_tokens, text_tokens, prompt_tokens, d_t) / matmul_flops(
+        layout, video_tokens, 0, prompt_tokens, d_t
     )
     n_stock = sum(p.numel() for p in stock.parameters())
     n_model = sum(p.numel() for p in model.parameters())
