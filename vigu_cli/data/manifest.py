@@ -98,13 +98,16 @@ def check_writable(path: str | os.PathLike | None, what: str, folder: bool) -> N
         raise VigUError(f"{what} {path}: {existing} is not writable; give another path")
 
 
+# the process's umask, read once at import (reading it means setting it: never while other threads create files)
+UMASK = os.umask(0)
+os.umask(UMASK)
+
+
 def umask_mode(path: Path) -> None:
     """`path` and everything under it readable as the umask allows a new file (`tempfile.mkdtemp` makes folders
     0700 and safetensors writes files 0600: a model or dataset others on the machine could not read)."""
-    mask = os.umask(0)
-    os.umask(mask)
     for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
-        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~UMASK)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
