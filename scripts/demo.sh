@@ -96,12 +96,11 @@ install_model() {  # the refine model becomes $DIR/model: a copy renamed into pl
 
 held_out_clip() {  # the dataset's first held-out item: "<mp4>\t<its reference caption>"
     "$PYTHON" - "$DIR/data" <<'PY'
-import json, sys
+import sys
 from pathlib import Path
-from vigu_cli.data.manifest import MANIFEST, is_validation, read_lines
+from vigu_cli.data.cache import split_lines
 root = Path(sys.argv[1])
-every = json.loads((root / "dataset.json").read_text())["split"]["val_every"]
-line = next(l for l in read_lines(root / MANIFEST) if l.status == "ok" and is_validation(l.index, every))
+line = split_lines(root, "val")[0]
 print(f"{root / line.video}\t{line.caption}")
 PY
 }

@@ -7,7 +7,6 @@ import inspect
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Annotated, Optional, get_type_hints
 
 import typer
@@ -264,12 +263,13 @@ def evaluate(
         "--hint", help="Caption each clip with its prompt as the hint (paper stage 2; default: the video alone).")] = False,
 ) -> None:
     """Score a model: captioning, prompt following, joint coherence, BLEU-4 / ROUGE-L / CIDEr."""
+    from .contact_sheet import sheet_paths
     from .data.manifest import check_writable, write_json
     from .run_eval import parse_steps, run_eval, tables
 
     check_writable(json_out, "--json", folder=False)
-    for made in ([] if sheet is None else [Path(sheet).with_suffix(".html"), Path(sheet).with_suffix(".png")]):
-        check_writable(made, "--sheet", folder=False)  # as contact_sheet names them
+    for made in ([] if sheet is None else sheet_paths(sheet)):
+        check_writable(made, "--sheet", folder=False)
     report = run_eval(options, data, items, parse_steps(steps), console, sheet, hint)
     if json_out is not None:
         write_json(json_out, report)

@@ -79,11 +79,16 @@ def sheet_png(rows: list[SheetRow], title: str) -> Image.Image:
     return image
 
 
+def sheet_paths(path: str | Path) -> list[Path]:
+    """The files of the contact sheet at `path`: its .html and .png (whatever suffix `path` has)."""
+    return [Path(path).with_suffix(".html"), Path(path).with_suffix(".png")]
+
+
 def write_contact_sheet(path: str | Path, rows: list[SheetRow], title: str) -> list[Path]:
-    """`path` with suffix .html and .png (whatever suffix `path` has); returns both paths."""
+    """The contact sheet's `sheet_paths`, written; returns them."""
     if not rows:
         raise ValueError("a contact sheet needs at least one row")
-    page, image = Path(path).with_suffix(".html"), Path(path).with_suffix(".png")
+    page, image = sheet_paths(path)
     write_text(page, sheet_html(rows, title))
     atomic_write(image, lambda temporary: temporary.write_bytes(png_bytes(sheet_png(rows, title))))
     return [page, image]

@@ -32,8 +32,7 @@ from rich.table import Table
 from . import evaluate
 from .contact_sheet import SheetRow, write_contact_sheet
 from .data import world
-from .data.cache import read_info
-from .data.manifest import MANIFEST, is_validation, read_lines
+from .data.cache import split_lines
 from .data.video_io import frames_to_tensor, load_clip
 from .errors import VigUError
 from .sampling import (SamplingOptions, batch_call, check_clips, check_vocabulary, clip_shape, load_model,
@@ -68,12 +67,10 @@ def dataset_items(root: str | Path, count: Optional[int], num_frames: int, heigh
                   width: int) -> tuple[list[EvalItem], str]:
     """The held-out items of a built dataset (all of them where it holds none out) and which: `val` or `all`."""
     root = Path(root)
-    val_every = read_info(root)["split"]["val_every"]
-    lines = [line for line in read_lines(root / MANIFEST) or [] if line.status == "ok"]
-    held_out = [line for line in lines if is_validation(line.index, val_every)]
+    held_out = split_lines(root, "val")
     split = "val" if held_out else "all"
     items = []
-    for line in (held_out or lines)[:count]:
+    for line in (held_out or split_lines(root, "all"))[:count]:
         if line.video is None:
             raise VigUError(f"{root} keeps no videos (data.keep_videos=false): rebuild it with data.keep_videos=true")
         path = str(root / line.video)

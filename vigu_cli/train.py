@@ -36,8 +36,8 @@ from .core.convert import load_pipeline, pipeline_from_recipe, save_folder, vigu
 from .core.components import build_wan_pipeline
 from .core.objective import unified_objective
 from .build_dataset import dataset_dir
-from .data.cache import CachedDatasets, CachedVideoTextDataset, check_compatible, collate
-from .data.manifest import MANIFEST, check_writable, is_validation, read_lines, write_text
+from .data.cache import CachedDatasets, CachedVideoTextDataset, check_compatible, collate, read_info, split_lines
+from .data.manifest import check_writable, write_text
 from .data.video_io import write_video
 from .errors import VigUError
 from .precision import default_device, fast_bfloat16
@@ -440,10 +440,9 @@ def validate(accelerator, pipe, core, recipe: Recipe, stage: StageSection, data:
     null), save the first few as mp4 + txt."""
     held_out = []
     if accelerator.is_main_process and stage.val_items:
-        every = json.loads((data / "dataset.json").read_text())["split"]["val_every"]
-        held_out = [line for line in read_lines(data / MANIFEST)
-                    if line.status == "ok" and is_validation(line.index, every)][: stage.val_items]
+        held_out = split_lines(data, "val")[: stage.val_items]
         if not held_out:
+            every = read_info(data)["split"]["val_every"]
             accelerator.print(f"validation at step {step}: {data} holds no held-out items (data.val_every {every}; 0 "
                               "holds none out): build it with more items or a smaller data.val_every; skipped")
     if held_out:

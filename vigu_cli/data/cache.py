@@ -30,7 +30,8 @@ from safetensors.torch import save_file
 from torch.utils.data import ConcatDataset, Dataset, default_collate
 
 from ..errors import VigUError
-from .manifest import COMMON, INFO, MANIFEST, SHARDS, atomic_write, is_validation, read_json, read_lines
+from .manifest import (COMMON, INFO, MANIFEST, SHARDS, ItemLine, atomic_write, is_validation, read_json,
+                       read_lines)
 from .video_io import frames_to_tensor
 
 FORMAT = "vigu-dataset"
@@ -189,6 +190,14 @@ def check_compatible(dataset_dir: str | os.PathLike, pipe) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
+def split_lines(dataset_dir: str | os.PathLike, split: str, info: dict | None = None) -> list[ItemLine]:
+    """The manifest lines of a dataset's usable items in `split`: `train`, `val` (every `val_every`-th item, as
+    `dataset.json` records it: `info`, read here when not given) or `all`."""
+    val_every = (info or read_info(dataset_dir))["split"]["val_every"]
+    return [line for line in read_lines(Path(dataset_dir) / MANIFEST) or []
+            if line.status == "ok" and split in ("all", "val" if is_validation(line.index, val_every) else "train")]
+
+
 class CachedVideoTextDataset(Dataset):
     """The usable (`ok`) items of a built dataset, read from the cache only.
 
@@ -206,12 +215,7 @@ class CachedVideoTextDataset(Dataset):
         self.info = read_info(self.root)
         if not self.info["complete"]:
             raise VigUError(f"the build in {self.root} has not finished: re-run the same `vigu build-dataset` command")
-        lines = read_lines(self.root / MANIFEST) or []
-        val_every = self.info["split"]["val_every"]
-        self.items = [
-            (line.id, line.shard) for line in lines
-            if line.status == "ok" and split in ("all", "val" if is_validation(line.index, val_every) else "train")
-        ]
+        self.items = [(line.id, line.shard) for line in split_lines(self.root, split, self.info)]
         self.prompt_max_length = self.info["cache"]["prompt_max_length"]
         self.id_prefix = id_prefix
         self._handles: dict[str, Any] = {}
