@@ -465,6 +465,8 @@ TRANSFORMERS = ["--set", "data.captioner.backend=transformers", "--set", "data.c
         (["--set", "model.base=/nowhere/Wan2.1"], "error: model folder /nowhere/Wan2.1 does not exist"),
         (["--set", "data.generator.backend=wan", "--set", "data.generator.path=/nowhere/Wan2.1-14B", *TRANSFORMERS],
          "error: generator folder /nowhere/Wan2.1-14B not found"),
+        (["--set", "data.generator.backend=wan", "--set", "data.generator.path={file}", *TRANSFORMERS],
+         "error: generator folder {file} is a file: set data.generator.path to a local Wan2.1 diffusers folder"),
         (["--set", "data.generator.backend=vigu"], "error: data.captioner.backend=world writes the ground truth of the "
          "clips the world renders"),
         (["--set", "data.captioner.backend=transformers", "--set", "data.captioner.model_path=/nowhere/VLM"],
@@ -474,10 +476,10 @@ TRANSFORMERS = ["--set", "data.captioner.backend=transformers", "--set", "data.c
     ],
 )
 def test_bad_inputs_are_one_line_and_exit_1(monkeypatch, capsys, tmp_path, args, message):
-    port = free_closed_port()
-    args = [arg.format(port=port) for arg in args]
+    names = {"port": free_closed_port(), "file": __file__}
+    args = [arg.format(**names) for arg in args]
     code, err, out = run_cli(monkeypatch, capsys, "--out", str(tmp_path / "data"), *args)
-    assert code == 1 and len(err) == 1 and err[0].startswith(message.format(port=port)), err
+    assert code == 1 and len(err) == 1 and err[0].startswith(message.format(**names)), err
     assert out == "" and not (tmp_path / "data").exists()  # found before anything was written
 
 

@@ -223,6 +223,12 @@ def test_one_way_caption_computes_the_video_once_per_condition_and_generate_skip
     pipe.joint(PROMPT, generator=torch.Generator().manual_seed(3), steps=2, guidance_video=4.0, guidance_text=0.5,
                output_type="latent")
     assert len(text_calls) == 4
+    # caption's video is given: the video's scale (and its stochastic step) ask for no unconditional pass
+    text_calls.clear()
+    hinted = pipe.caption(clip, hint=PROMPT, generator=torch.Generator().manual_seed(3), steps=2, guidance_video=4.0,
+                          video_eta=1.0).texts
+    assert len(text_calls) == 2 and hinted == pipe.caption(clip, hint=PROMPT, generator=torch.Generator().manual_seed(3),
+                                                            steps=2, guidance_video=1.0).texts
     unguided = pipe.caption(clip, generator=torch.Generator().manual_seed(3), steps=4).texts
     assert pipe.caption(clip, hint=PROMPT, generator=torch.Generator().manual_seed(3), steps=4,
                         guidance_text=0.0).texts == unguided

@@ -97,9 +97,9 @@ def test_generate_writes_an_mp4_and_a_sidecar_per_prompt(vigu, model_dir, tmp_pa
                                          "text_stream", "fps", "model", "batch")} == {
             "mode": "generate", "prompt": PROMPTS[i], "index": i, "seed": 7 + i, "steps": 3, "solver": "heun",
             "guidance_video": 2.5, "text_stream": "prompt", "fps": 8, "model": str(model_dir), "batch": 2}
-        assert sidecar["shift"] == 3.0 and sidecar["guidance_text"] == 1.0 and sidecar["seconds"] > 0
-        # the embedding flow draws no tokens: the discrete flow's draw settings, which do nothing here, are left out
-        assert "text_temperature" not in sidecar and "text_order" not in sidecar
+        assert sidecar["shift"] == 3.0 and sidecar["seconds"] > 0
+        # generate's text, if any, is the prompt: the text's settings, which do nothing here, are left out
+        assert not {"guidance_text", "text_shift", "text_temperature", "text_order"} & set(sidecar)
     assert no_temporary_files(out)
 
     plain = vigu("generate", PROMPTS[0], "--model", model_dir, "--out", tmp_path / "plain", "--seed", "7", "--steps", "3",
@@ -237,6 +237,12 @@ def test_heun_integrates_the_deterministic_flow_in_place_of_the_models_stochasti
     assert np.array_equal(clips["heun"], clips["explicit"])
     caption = vigu("caption", clip_path, "--model", model_dir, "--steps", "3", "--solver", "heun", *FLOAT32)
     assert caption.code == 0 and caption.lines, caption.stderr
+    # caption's video is given: the video's settings do nothing there, so they are neither refused nor recorded
+    asked = vigu("caption", clip_path, "--model", model_dir, "--steps", "3", "--solver", "heun", "--video-eta", "0.5",
+                 "--guidance-video", "3", "--json", *FLOAT32)
+    assert asked.code == 0, asked.stderr
+    record = json.loads(asked.stdout)
+    assert record["caption"] == caption.lines[0] and not {"shift", "guidance_video", "video_eta"} & set(record)
 
 
 def test_discrete_jumps_draw_per_sample_with_a_list_of_generators():

@@ -137,8 +137,9 @@ def quiet_libraries() -> None:
         dynamo.addFilter(_no_torch_notes)
 
 
-def load_model(options: SamplingOptions) -> UniViGUPipeline:
-    """The pipeline of `--model` on `--device` in `--dtype` (the VAE stays in float32, as Wan's)."""
+def load_model(options: SamplingOptions, mode: Optional[str] = None) -> UniViGUPipeline:
+    """The pipeline of `--model` on `--device` in `--dtype` (the VAE stays in float32, as Wan's), for `mode`
+    (None: every mode, as `vigu eval`)."""
     if options.model == DEFAULT_MODEL and not Path(DEFAULT_MODEL).exists():
         raise VigUError(f"no model at {DEFAULT_MODEL}: run `make demo` or pass --model PATH")
     device = resolve_device(options.device)
@@ -153,7 +154,7 @@ def load_model(options: SamplingOptions) -> UniViGUPipeline:
             raise VigUError(f"{flag(name)}: {options.model} uses the {pipe.text_flow.name} text flow, "
                             "which draws no tokens (the option is for the discrete flow); leave it out")
     settings = pipe.sampling_settings(**options.overrides())
-    if settings["solver"] == "heun" and settings["video_eta"] > 0:
+    if settings["solver"] == "heun" and settings["video_eta"] > 0 and mode != "caption":  # caption's video is given
         raise VigUError(f"--solver heun with --video-eta {settings['video_eta']}: the video's stochastic step is an "
                         "Euler step; leave --video-eta out (Heun integrates the deterministic flow) or use --solver euler")
     return pipe.to(device)
@@ -308,7 +309,7 @@ def sample_record(pipe: UniViGUPipeline, options: SamplingOptions, mode: str, sa
     """The sidecar of a sample: what made it and how to make it again."""
     return {
         "mode": mode, **fields, "index": sample.index, "seed": sample.seed,
-        **pipe.recorded_settings(**options.overrides()),
+        **pipe.recorded_settings(mode, **options.overrides()),
         "model": str(options.model), "device": str(pipe.device), "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
         "fps": pipe.config.fps, "batch": options.batch, "seconds": round(sample.seconds, 4),
     }
@@ -352,7 +353,7 @@ def caption_clips(options: SamplingOptions, clips, clips_file, hint: Optional[st
     """`vigu caption`: each clip fitted to the model's shape, its text flowed from noise (paper eq. 16)."""
     paths = read_inputs(clips, clips_file, "clip")
     check_writable(out, "--out", folder=True)
-    pipe = load_model(options)
+    pipe = load_model(options, "caption")
     check_vocabulary(pipe, [hint] if hint else [])
     check_clips(pipe, paths)
     hints = [hint] * len(paths) if hint else None
@@ -368,7 +369,7 @@ def generate_clips(options: SamplingOptions, prompts, prompts_file, text_stream:
     check_writable(out, "--out", folder=True)
     if text_stream not in (None, "prompt", "none"):
         raise VigUError(f"unknown --text-stream '{text_stream}': use prompt or none")
-    pipe = load_model(options)
+    pipe = load_model(options, "generate")
     check_vocabulary(pipe, prompts)
     stream = text_stream or pipe.config.generate_text
     call = batch_call(pipe, "generate", options.overrides(), prompts, text_stream=stream)
@@ -380,7 +381,7 @@ def joint_clips(options: SamplingOptions, prompts, prompts_file, out: str, conso
     """`vigu joint`: video and caption flowed together from noise (eq. 18)."""
     prompts = read_inputs(prompts, prompts_file, "prompt")
     check_writable(out, "--out", folder=True)
-    pipe = load_model(options)
+    pipe = load_model(options, "joint")
     check_vocabulary(pipe, prompts)
     call = batch_call(pipe, "joint", options.overrides(), prompts)
     describe = lambda i: {"prompt": prompts[i]}  # noqa: E731

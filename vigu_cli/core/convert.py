@@ -138,10 +138,18 @@ def reading(path: str | Path):
                         "again)") from None
 
 
+@contextmanager
+def torch_dtype_accepted():
+    """`from_pretrained(torch_dtype=...)` without the FutureWarning: diffusers>=0.35 (our floor) reads
+    `torch_dtype`; newer ones call it deprecated."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        yield
+
+
 def load_pipeline(path: str | Path, recipe: Recipe, **kwargs) -> UniViGUPipeline:
     """A local folder as a `UniViGUPipeline`, offline: vigu folders load, stock Wan folders convert."""
-    with warnings.catch_warnings():  # diffusers>=0.35 (our floor) reads torch_dtype; newer ones call it deprecated
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+    with torch_dtype_accepted():
         return _load_pipeline(path, recipe, **kwargs)
 
 

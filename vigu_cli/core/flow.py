@@ -254,7 +254,7 @@ class FlowSolver:
         sigmas_v, timesteps_v = time_grid(self.steps, self.shift, device=some.device)
         sigmas_t, timesteps_t = time_grid(self.steps, self.text_shift, device=some.device)
         batch = some.shape[0]
-        guided = uncondition is not None and guides(guidance_video, guidance_text)
+        guided = uncondition is not None and flowing_guides(video, text, guidance_video, guidance_text)
 
         def timestep_of(stream: Optional[Stream], timestep: torch.Tensor) -> Optional[torch.Tensor]:
             if stream is None:
@@ -315,6 +315,14 @@ def guides(*scales: float) -> bool:
     """Whether classifier-free guidance at these scales needs an unconditional pass: any scale but 1 (below 1
     leans toward the unconditional prediction, 0 is that prediction)."""
     return any(scale != 1.0 for scale in scales)
+
+
+def flowing_guides(video: Optional[Stream], text: Optional[Stream], guidance_video: float, guidance_text: float) -> bool:
+    """`guides` for the streams that flow: a frozen stream's scale does nothing (the given clip of `caption`, the
+    prompt tokens of `generate`), so it asks for no unconditional pass."""
+    flowing = [scale for stream, scale in ((video, guidance_video), (text, guidance_text))
+               if stream is not None and not stream.frozen]
+    return guides(*flowing)
 
 
 def _guide(cond: Optional[torch.Tensor], uncond: Optional[torch.Tensor], scale: float) -> Optional[torch.Tensor]:

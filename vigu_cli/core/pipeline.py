@@ -31,7 +31,7 @@ from diffusers.utils import BaseOutput
 from ..data import world_vae  # noqa: F401
 from ..data.video_io import tensor_to_frames
 from . import model  # noqa: F401
-from .flow import FlowSolver, Stream, guides
+from .flow import FlowSolver, Stream, flowing_guides
 from .text import decode_ids, encode_texts, make_text_flow
 from ..recipe import TextSection
 
@@ -50,6 +50,9 @@ SAMPLING_SETTINGS = (
     "steps", "solver", "shift", "guidance_video", "guidance_text", "text_shift", "text_temperature", "text_order",
     "video_eta",
 )
+# the settings of one stream: inert in a mode where that stream does not flow (the recorded settings leave them out)
+VIDEO_SETTINGS = ("shift", "guidance_video", "video_eta")
+TEXT_SETTINGS = ("text_shift", "guidance_text", "text_temperature", "text_order")
 
 
 class UniViGUPipeline(WanPipeline):
@@ -218,19 +221,22 @@ class UniViGUPipeline(WanPipeline):
             merged["text_shift"] = merged["shift"]
         return merged
 
-    def recorded_settings(self, **overrides) -> dict:
-        """`sampling_settings` as a sidecar or report records them: without the discrete flow's token-draw settings
-        (`text_temperature`, `text_order`) on a model whose text flow draws no tokens, where they do nothing."""
+    def recorded_settings(self, mode: Optional[str] = None, **overrides) -> dict:
+        """`sampling_settings` as a sidecar or report records them, without those that do nothing: the discrete
+        flow's token-draw settings (`text_temperature`, `text_order`) on a model whose text flow draws no tokens,
+        the text's in `generate` (its text, if any, is the given prompt) and the video's in `caption` (its video is
+        the given clip; `text_shift` says the grid the text walks)."""
         settings = self.sampling_settings(**overrides)
+        inert = {"generate": TEXT_SETTINGS, "caption": VIDEO_SETTINGS}.get(mode, ())
         if self.text_flow.continuous:
-            del settings["text_temperature"], settings["text_order"]
-        return settings
+            inert = (*inert, "text_temperature", "text_order")
+        return {k: v for k, v in settings.items() if k not in inert}
 
     def _solve(self, video, text, prompts, generator, callback, settings, model_fn=None):
         s = self.sampling_settings(**settings)
         device = self._execution_device
         condition = self.encode_condition(prompts, device)
-        guided = guides(s["guidance_video"], s["guidance_text"])
+        guided = flowing_guides(video, text, s["guidance_video"], s["guidance_text"])
         uncondition = self.encode_condition([""] * len(prompts), device) if guided and any(prompts) else None
         solver = FlowSolver(s["steps"], s["solver"], s["shift"], s["text_shift"], s["video_eta"])
         # a video that flows and does not read the text predicts the same without it
@@ -308,6 +314,7 @@ class UniViGUPipeline(WanPipeline):
         text = Stream(self._noise_text(batch, generator))
         one_way = not self.transformer.config.video_attends_text  # the video is then computed once
         model_fn = self.frozen_video_model_fn() if one_way else None
+        settings = {**settings, "video_eta": 0.0}  # the video is given: its stochastic step does nothing
         _, state = self._solve(frozen, text, hints, generator, callback, settings, model_fn)
         return UniViGUPipelineOutput(texts=self.decode_text(state))
 

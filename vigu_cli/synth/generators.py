@@ -74,6 +74,8 @@ def generator_folder(model: ModelSection, data: DataSection, kind: str) -> Path:
     from ..core.convert import base_folder
 
     path = data.generator.path or base_folder(model)
+    if path is not None and Path(path).is_file():
+        raise VigUError(f"generator folder {path} is a file: set data.generator.path to {kind}")
     if path is None or not Path(path).is_dir():
         raise VigUError(f"generator folder {path or model.base} not found: set data.generator.path to {kind}")
     return Path(path)
@@ -92,7 +94,7 @@ class WanGenerator(VideoGenerator):
     def __init__(self, model: ModelSection, data: DataSection, device: torch.device, shared: dict):
         from diffusers import WanPipeline
 
-        from ..core.convert import folder_class
+        from ..core.convert import folder_class, torch_dtype_accepted
 
         super().__init__(model)
         settings = data.generator
@@ -101,7 +103,8 @@ class WanGenerator(VideoGenerator):
             raise VigUError(f"data.generator.path {path} holds a {folder_class(path)}: the wan generator needs a stock "
                             "Wan2.1 diffusers folder (WanPipeline)")
         dtypes = model_dtypes(data, device)
-        self.pipe = WanPipeline.from_pretrained(path, local_files_only=True, torch_dtype=dtypes, **shared).to(device)
+        with torch_dtype_accepted():
+            self.pipe = WanPipeline.from_pretrained(path, local_files_only=True, torch_dtype=dtypes, **shared).to(device)
         scheduler = self.pipe.scheduler
         shift_key = "flow_shift" if "flow_shift" in scheduler.config else "shift"
         self.pipe.scheduler = type(scheduler).from_config(scheduler.config, **{shift_key: settings.shift})
