@@ -277,7 +277,7 @@ BAD = {
     "missing clip": (["caption", "{clip}", "{bad}/nope.mp4"], "error: {bad}/nope.mp4: no such video file; check the path"),
     "corrupt clip": (["caption", "{clip}", "{bad}/corrupt.mp4"], "error: {bad}/corrupt.mp4: cannot be read as a video ("),
     "short clip": (["caption", "{bad}/short.mp4"],
-                   "error: {bad}/short.mp4: has 4 frames, fewer than the 9 needed; use a longer clip or fewer frames"),
+                   "error: {bad}/short.mp4: has 4 frames, fewer than the 9 the model reads; give a clip of at least 9 frames"),
     "unknown solver": (["generate", "a red circle moving left", "--solver", "rk4"],
                        "error: unknown --solver 'rk4': use euler or heun"),
     "unknown dtype": (["joint", "a red circle moving left", "--dtype", "fp8"],

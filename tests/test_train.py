@@ -149,7 +149,7 @@ def test_cached_video_contexts_train_the_text_as_the_video_itself(tiny_data, tmp
 
     reads.clear()  # where the video trains, a cache would be stale after a step: it is not used, in one line
     train(recipe_for(tiny_data, tmp_path / "full", "train.recall.cache_video=true", "train.recall.max_steps=1"), "recall")
-    assert "train.recall.cache_video: not used" in capsys.readouterr().out and not reads
+    assert "train.recall.cache_video: not used" in capsys.readouterr().err and not reads
 
 
 def test_a_video_cache_build_resumes_and_reads_what_a_forward_gives(tiny_data, tmp_path, monkeypatch):
@@ -320,7 +320,7 @@ def test_resuming_a_finished_run_keeps_one_line_per_validation(tiny_data, tmp_pa
     log = tmp_path / "recall" / "validation.jsonl"
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [2, 4]
     record = json.loads(log.read_text().splitlines()[0])
-    shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith("validation at step 2 ")]
+    shown = [line for line in capsys.readouterr().err.splitlines() if line.startswith("validation at step 2 ")]
     assert shown == [f"validation at step 2 on 2 held-out items; caption {record['caption']['macro']:.3f} "
                      f"(shape {record['caption']['shape']:.2f}, color {record['caption']['color']:.2f}, "
                      f"motion {record['caption']['motion']:.2f}); generation {record['generation']['macro']:.3f} "
@@ -344,7 +344,7 @@ def test_validation_on_a_dataset_with_nothing_held_out_says_so_and_writes_no_sco
     assert (tmp_path / "recall" / "model" / "model_index.json").is_file()
     assert not (tmp_path / "recall" / "validation.jsonl").exists()
     assert (f"validation at step 1: {data} holds no held-out items (data.val_every 0; 0 holds none out): build it "
-            "with more items or a smaller data.val_every; skipped") in capsys.readouterr().out
+            "with more items or a smaller data.val_every; skipped") in capsys.readouterr().err
 
 
 def test_validation_on_data_the_worlds_judge_cannot_read_saves_samples_and_null_scores(tiny_data, tmp_path, capsys):
@@ -365,7 +365,7 @@ def test_validation_on_data_the_worlds_judge_cannot_read_saves_samples_and_null_
     record = json.loads((tmp_path / "refine" / "validation.jsonl").read_text())
     assert record == {"step": 1, "caption": None, "generation": None}
     assert ("validation at step 1 on 3 held-out items; caption: not scored (the world's judge does not read this "
-            "data); generation: not scored") in capsys.readouterr().out
+            "data); generation: not scored") in capsys.readouterr().err
     samples = tmp_path / "refine" / "samples" / "step-00000001"
     assert sorted(p.name for p in samples.iterdir()) == ["0-generated.mp4", "0.txt", "1-generated.mp4", "1.txt",
                                                          "2-generated.mp4", "2.txt"]
@@ -399,7 +399,7 @@ def test_an_output_folder_that_cannot_be_written_stops_before_training(tiny_data
 
 def test_resume_with_nothing_to_resume_says_so_and_starts_from_step_0(tiny_data, tmp_path, capsys):
     out = train(recipe_for(tiny_data, tmp_path, "train.recall.max_steps=1"), "recall", resume=True)
-    assert f"--resume: {tmp_path / 'recall'} holds no checkpoint yet; starting from step 0" in capsys.readouterr().out
+    assert f"--resume: {tmp_path / 'recall'} holds no checkpoint yet; starting from step 0" in capsys.readouterr().err
     assert [m["step"] for m in metrics(out.parent / "metrics.jsonl")] == [1]
 
 

@@ -29,6 +29,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
@@ -46,6 +47,15 @@ from .data import world
 from .recipe import STAGES, Recipe, StageSection, stage_section
 from .train_plan import NO_VALIDATION, SHARDS_PARAMETERS, check_stage, video_cache_unused, video_loss_trains
 from .video_cache import VideoContextCache
+
+
+CONSOLE = Console(stderr=True, soft_wrap=True)  # progress and notes; stdout stays free, as in the sampling commands
+
+
+def say(accelerator: Accelerator, text: str) -> None:
+    """A note of the run on stderr, from the main process only."""
+    if accelerator.is_main_process:
+        CONSOLE.print(text, markup=False, highlight=False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -266,7 +276,7 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
     step = 0
     metrics_path = root / "metrics.jsonl"
     if resume and not found:
-        accelerator.print(f"--resume: {root} holds no checkpoint yet; starting from step 0")
+        say(accelerator, f"--resume: {root} holds no checkpoint yet; starting from step 0")
     if resume and found:
         accelerator.load_state(str(found[-1]))
         step = json.loads((found[-1] / "trainer_state.json").read_text())["step"]
@@ -280,7 +290,7 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
     accelerator.init_trackers(f"vigu-{recipe.name}-{stage_name}")
     cache = None
     if stage.cache_video and video_prediction:  # a speed-up where it applies, not a reason to stop
-        accelerator.print(video_cache_unused(stage_name))
+        say(accelerator, video_cache_unused(stage_name))
     elif stage.cache_video and step < stage.max_steps:
         cache = VideoContextCache.build(accelerator, core, dataset, empty, root / "video-cache", stage.batch_size)
 
@@ -288,7 +298,7 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
     rank_start = accelerator.process_index * stage.batch_size
     progress = Progress(
         TextColumn(f"[bold]{stage_name}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(), disable=not accelerator.is_main_process,
+        TimeRemainingColumn(), console=CONSOLE, disable=not accelerator.is_main_process,
     )
     with progress:
         task = progress.add_task(stage_name, total=stage.max_steps, completed=step, info="")
@@ -347,7 +357,7 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
     if ema is not None:
         ema.copy_to(trained)  # the model a stage hands on is the average
     if sharded:
-        accelerator.print(NO_VALIDATION)
+        say(accelerator, NO_VALIDATION)
     else:
         validate(accelerator, pipe, core, recipe, stage, data, root, step)
     final = whole_model(accelerator, model, core, sharded)
@@ -443,7 +453,7 @@ def validate(accelerator, pipe, core, recipe: Recipe, stage: StageSection, data:
         held_out = split_lines(data, "val")[: stage.val_items]
         if not held_out:
             every = read_info(data)["split"]["val_every"]
-            accelerator.print(f"validation at step {step}: {data} holds no held-out items (data.val_every {every}; 0 "
+            say(accelerator, f"validation at step {step}: {data} holds no held-out items (data.val_every {every}; 0 "
                               "holds none out): build it with more items or a smaller data.val_every; skipped")
     if held_out:
         was_training = core.training
@@ -483,6 +493,6 @@ def validate(accelerator, pipe, core, recipe: Recipe, stage: StageSection, data:
         record["generation"] = prompt_following(measured, prompts) if prompted else None
         with (root / "validation.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
-        accelerator.print(validation_line(record, len(held_out)))
+        say(accelerator, validation_line(record, len(held_out)))
         core.train(was_training)
     accelerator.wait_for_everyone()

@@ -79,7 +79,8 @@ def load_clip(path: str | os.PathLike, num_frames: int, height: int, width: int)
     frames = read_video(path)
     if len(frames) < num_frames:
         raise VigUError(
-            f"{path}: has {len(frames)} frames, fewer than the {num_frames} needed; use a longer clip or fewer frames"
+            f"{path}: has {len(frames)} frames, fewer than the {num_frames} the model reads; give a clip of at least "
+            f"{num_frames} frames"
         )
     return fit_video(frames, num_frames, height, width)
 
