@@ -230,6 +230,18 @@ def test_one_way_caption_computes_the_video_once_per_condition_and_generate_skip
     assert len(text_calls) == 2 and hinted == pipe.caption(clip, hint=PROMPT, generator=torch.Generator().manual_seed(3),
                                                             steps=2, guidance_video=1.0).texts
     unguided = pipe.caption(clip, generator=torch.Generator().manual_seed(3), steps=4).texts
+    # the negative prompt is the unconditional prompt of the video's guidance: as a call's setting or the model's
+    # default; caption's video is given, so caption ignores it
+    away = dict(steps=2, guidance_video=4.0, output_type="latent")
+    plain = pipe.generate(PROMPT, generator=torch.Generator().manual_seed(3), **away).videos
+    negative = pipe.generate(PROMPT, generator=torch.Generator().manual_seed(3), negative_prompt="a blue square", **away)
+    assert not torch.equal(negative.videos, plain)
+    pipe.register_to_config(negative_prompt="a blue square")
+    assert torch.equal(pipe.generate(PROMPT, generator=torch.Generator().manual_seed(3), **away).videos, negative.videos)
+    hinted = dict(hint=PROMPT, steps=2, guidance_text=2.0)
+    assert (pipe.caption(clip, generator=torch.Generator().manual_seed(3), **hinted).texts ==
+            pipe.caption(clip, generator=torch.Generator().manual_seed(3), negative_prompt="", **hinted).texts)
+    pipe.register_to_config(negative_prompt="")
     assert pipe.caption(clip, hint=PROMPT, generator=torch.Generator().manual_seed(3), steps=4,
                         guidance_text=0.0).texts == unguided
     assert pipe.caption(clip, hint=PROMPT, generator=torch.Generator().manual_seed(3), steps=4).texts != unguided

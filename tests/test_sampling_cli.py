@@ -102,6 +102,13 @@ def test_generate_writes_an_mp4_and_a_sidecar_per_prompt(vigu, model_dir, tmp_pa
         assert not {"guidance_text", "text_shift", "text_temperature", "text_order"} & set(sidecar)
     assert no_temporary_files(out)
 
+    negative = vigu("generate", PROMPTS[0], "--model", model_dir, "--out", tmp_path / "negative", "--seed", "7", "--steps",
+                    "3", "--solver", "heun", "--video-eta", "0", "--guidance-video", "2.5", "--negative-prompt", PROMPTS[1],
+                    "--json")
+    record = json.loads(negative.stdout)
+    assert record["negative_prompt"] == PROMPTS[1] and sidecar["negative_prompt"] == ""
+    assert not np.array_equal(read_video(record["video"]), read_video(out / f"{names[0]}.mp4"))  # guided away from it
+
     plain = vigu("generate", PROMPTS[0], "--model", model_dir, "--out", tmp_path / "plain", "--seed", "7", "--steps", "3",
                  "--solver", "heun", "--video-eta", "0", "--guidance-video", "2.5", "--text-stream", "none", "--json")
     record = json.loads(plain.stdout)
@@ -309,6 +316,9 @@ BAD = {
                           "only: , . a against and background black blue bottom circle down frame from gray green in is "
                           "it large left moves moving of on orange purple quickly red right shape shows slowly small "
                           "square staying stays still the there top triangle up video white with yellow; use words it knows"),
+    "out-of-vocabulary negative prompt": (["generate", "a red circle moving left", "--negative-prompt", "a blurry cat"],
+                                          "error: the model's vocabulary has no words 'blurry', 'cat' (in \"a blurry "
+                                          "cat\"): it knows only: "),
     "out-of-vocabulary hint": (["caption", "{clip}", "--hint", "a dog!"], "error: the model's vocabulary has no words "
                                "'dog', '!' (in \"a dog!\"): it knows only: "),
     "missing prompts file": (["generate", "--prompts-file", "{bad}/prompts.txt"],

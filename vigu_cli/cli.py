@@ -157,6 +157,9 @@ SAMPLING_OPTIONS = {  # name: (annotation, default); a command receives them as 
     "video_eta": (Annotated[Optional[float], typer.Option(
         "--video-eta", help="DDIM's eta for the video's Euler steps: fresh noise at each step, 0 = the deterministic "
         "flow, 1 = as much as the DDPM posterior (default: the model's).")], None),
+    "negative_prompt": (Annotated[Optional[str], typer.Option(
+        "--negative-prompt", help="What the video's guidance steers away from, as WanPipeline's negative_prompt "
+        "(default: the model's, the empty prompt unless its recipe sets sampling.negative_prompt).")], None),
     "seed": (Annotated[int, typer.Option("--seed", help="Sample i uses seed + i, whatever the batch.")], 0),
     "batch": (Annotated[int, typer.Option("--batch", "-b", help="Samples per solver call.")], 1),
     "device": (Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")], "auto"),

@@ -57,6 +57,7 @@ class SamplingOptions:
     text_temperature: Optional[float] = None
     text_order: Optional[str] = None
     video_eta: Optional[float] = None
+    negative_prompt: Optional[str] = None
     seed: int = 0
     batch: int = 1  # samples per solver call
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -153,8 +154,10 @@ def load_model(options: SamplingOptions, mode: Optional[str] = None) -> UniViGUP
         if getattr(options, name) not in (None, inert) and pipe.text_flow.continuous:
             raise VigUError(f"{flag(name)}: {options.model} uses the {pipe.text_flow.name} text flow, "
                             "which draws no tokens (the option is for the discrete flow); leave it out")
+    if options.negative_prompt and mode != "caption":  # caption's video is given: the video's settings do nothing
+        check_vocabulary(pipe, [options.negative_prompt])
     settings = pipe.sampling_settings(**options.overrides())
-    if settings["solver"] == "heun" and settings["video_eta"] > 0 and mode != "caption":  # caption's video is given
+    if settings["solver"] == "heun" and settings["video_eta"] > 0 and mode != "caption":
         raise VigUError(f"--solver heun with --video-eta {settings['video_eta']}: the video's stochastic step is an "
                         "Euler step; leave --video-eta out (Heun integrates the deterministic flow) or use --solver euler")
     return pipe.to(device)

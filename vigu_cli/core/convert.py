@@ -98,6 +98,7 @@ def vigu_from_wan(wan: WanPipeline, recipe: Recipe) -> UniViGUPipeline:
         text_order=sampling.text_order,
         generate_text=sampling.generate_text,
         video_eta=sampling.video_eta,
+        negative_prompt=sampling.negative_prompt,
     )
 
 

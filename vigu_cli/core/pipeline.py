@@ -48,10 +48,10 @@ class UniViGUPipelineOutput(BaseOutput):
 # The solver settings a call may override (`sampling_settings`); every other one comes from the model.
 SAMPLING_SETTINGS = (
     "steps", "solver", "shift", "guidance_video", "guidance_text", "text_shift", "text_temperature", "text_order",
-    "video_eta",
+    "video_eta", "negative_prompt",
 )
 # the settings of one stream: inert in a mode where that stream does not flow (the recorded settings leave them out)
-VIDEO_SETTINGS = ("shift", "guidance_video", "video_eta")
+VIDEO_SETTINGS = ("shift", "guidance_video", "video_eta", "negative_prompt")
 TEXT_SETTINGS = ("text_shift", "guidance_text", "text_temperature", "text_order")
 
 
@@ -86,6 +86,7 @@ class UniViGUPipeline(WanPipeline):
         text_order: str = "random",
         generate_text: str = "prompt",
         video_eta: float = 0.0,
+        negative_prompt: str = "",
     ):
         super().__init__(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer)
         # WanPipeline's Wan2.2 options are not ours: keep them out of model_index.json
@@ -114,6 +115,7 @@ class UniViGUPipeline(WanPipeline):
             text_order=text_order,
             generate_text=generate_text,
             video_eta=video_eta,
+            negative_prompt=negative_prompt,
         )
 
     # ------------------------------------------------------------------------------------------------
@@ -213,6 +215,7 @@ class UniViGUPipeline(WanPipeline):
             steps=cfg.steps, solver=cfg.solver, shift=self.scheduler.config.shift,
             guidance_video=cfg.guidance_video, guidance_text=cfg.guidance_text, text_shift=cfg.text_shift,
             text_temperature=cfg.text_temperature, text_order=cfg.text_order, video_eta=cfg.video_eta,
+            negative_prompt=cfg.negative_prompt,
         )
         merged.update({k: v for k, v in overrides.items() if v is not None})
         if merged["solver"] == "heun" and overrides.get("video_eta") is None:
@@ -237,7 +240,9 @@ class UniViGUPipeline(WanPipeline):
         device = self._execution_device
         condition = self.encode_condition(prompts, device)
         guided = flowing_guides(video, text, s["guidance_video"], s["guidance_text"])
-        uncondition = self.encode_condition([""] * len(prompts), device) if guided and any(prompts) else None
+        # the negative prompt is what the video's guidance steers away from: caption's video is given
+        negative = s["negative_prompt"] if video is not None and not video.frozen else ""
+        uncondition = self.encode_condition([negative] * len(prompts), device) if guided and any(prompts) else None
         solver = FlowSolver(s["steps"], s["solver"], s["shift"], s["text_shift"], s["video_eta"])
         # a video that flows and does not read the text predicts the same without it
         one_way = video is not None and not video.frozen and not self.transformer.config.video_attends_text
