@@ -25,6 +25,7 @@ TINY = [
     "data.text_encoder_dtype=float32", "data.generator.dtype=float32",
     "train.recall.ema_decay=0", "train.refine.ema_decay=0",  # the trained weights themselves, unless a test asks
     "train.recall.compile=false", "train.refine.compile=false",  # eager: exact comparisons, no compile time
+    "sampling.caption_candidates=1",  # one caption per clip unless a test asks for more (world-tiny draws 5)
 ]
 # The same with diffusers' real AutoencoderKLWan (random, tiny) instead of the world's patch autoencoder.
 TINY_WAN_VAE = TINY + [

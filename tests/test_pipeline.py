@@ -11,9 +11,10 @@ from diffusers import WanPipeline, WanTransformer3DModel
 
 from conftest import TINY_WAN_VAE, nudged_pipeline, tiny_recipe
 from vigu_cli.core.convert import convert_folder, load_pipeline, pipeline_from_recipe, vigu_from_wan
-from vigu_cli.core.flow import FlowSolver, Stream
+from vigu_cli.core.flow import FlowSolver, Stream, derived_generators
 from vigu_cli.core.objective import unified_objective
-from vigu_cli.core.pipeline import UniViGUPipeline
+from vigu_cli.core.pipeline import CANDIDATE_KEY, UniViGUPipeline
+from vigu_cli.core.text import consensus
 from vigu_cli.data import world
 from vigu_cli.data.video_io import frames_to_tensor
 from vigu_cli.errors import VigUError
@@ -169,6 +170,26 @@ def test_tiny_model_overfits_one_pair_and_captions_it_exactly(tiny_wan_dir):
     out = pipe.caption(clip, generator=torch.Generator().manual_seed(0), steps=10)
     assert out.texts[0] == caption
     assert world.parse_caption(out.texts[0]) == spec.attributes()
+
+
+def test_caption_candidates_keep_the_consensus_of_captions_drawn_from_seeds_of_their_own(tiny_wan_dir):
+    """`caption_candidates` K: each clip's K captions are the captions of K = 1 from its generator and from K - 1
+    generators derived from its seed, whatever the batch; the one agreeing most with the others is kept."""
+    pipe = nudged_pipeline(tiny_wan_dir, "text.video_attends_text=false", "text.formulation=discrete")
+    clips = torch.stack([frames_to_tensor(world.render(world.sample_clip(np.random.default_rng(s), 16, 16, 9)))
+                         for s in (0, 1)])
+    settings = dict(steps=3, text_temperature=1.0)
+    seeds = lambda: [torch.Generator().manual_seed(s) for s in (3, 4)]  # noqa: E731
+    chosen = pipe.caption(clips, generator=seeds(), caption_candidates=3, **settings).texts
+    assert pipe.caption(clips, generator=seeds(), **settings).texts == pipe.caption(
+        clips, generator=seeds(), caption_candidates=1, **settings).texts
+    distinct = 0
+    for i, (clip, given) in enumerate(zip(clips, seeds())):
+        group = [pipe.caption(clip[None], generator=[g], **settings).texts[0]
+                 for g in [given, *(derived_generators(given, CANDIDATE_KEY, j) for j in (1, 2))]]
+        assert chosen[i] == group[consensus(group)]
+        distinct += len(set(group))
+    assert distinct > 2  # the candidates differ
 
 
 def test_one_way_caption_computes_the_video_once_per_condition_and_generate_skips_the_text(tiny_wan_dir):

@@ -99,7 +99,7 @@ def test_generate_writes_an_mp4_and_a_sidecar_per_prompt(vigu, model_dir, tmp_pa
             "guidance_video": 2.5, "text_stream": "prompt", "fps": 8, "model": str(model_dir), "batch": 2}
         assert sidecar["shift"] == 3.0 and sidecar["seconds"] > 0
         # generate's text, if any, is the prompt: the text's settings, which do nothing here, are left out
-        assert not {"guidance_text", "text_shift", "text_temperature", "text_order"} & set(sidecar)
+        assert not {"guidance_text", "text_shift", "text_temperature", "text_order", "caption_candidates"} & set(sidecar)
     assert no_temporary_files(out)
 
     negative = vigu("generate", PROMPTS[0], "--model", model_dir, "--out", tmp_path / "negative", "--seed", "7", "--steps",
@@ -250,6 +250,10 @@ def test_heun_integrates_the_deterministic_flow_in_place_of_the_models_stochasti
     assert asked.code == 0, asked.stderr
     record = json.loads(asked.stdout)
     assert record["caption"] == caption.lines[0] and not {"shift", "guidance_video", "video_eta"} & set(record)
+    assert record["caption_candidates"] == 1
+    several = vigu("caption", clip_path, "--model", model_dir, "--steps", "3", "--caption-candidates", "3", "--json",
+                   *FLOAT32)
+    assert several.code == 0 and json.loads(several.stdout)["caption_candidates"] == 3, several.stderr
 
 
 def test_discrete_jumps_draw_per_sample_with_a_list_of_generators():
@@ -307,6 +311,8 @@ BAD = {
                             "error: --solver heun with --video-eta 0.5: the video's stochastic step is an Euler step; "
                             "leave --video-eta out (Heun integrates the deterministic flow) or use --solver euler"),
     "zero batch": (["generate", "a red circle moving left", "--batch", "0"], "error: --batch must be at least 1, got 0"),
+    "zero caption candidates": (["caption", "{clip}", "--caption-candidates", "0"],
+                                "error: --caption-candidates must be at least 1, got 0"),
     "zero shift": (["generate", "a red circle moving left", "--shift", "0"],
                    "error: --shift must be above 0 (1: the plain time grid), got 0.0"),
     "negative text shift": (["caption", "{clip}", "--text-shift", "-1"],

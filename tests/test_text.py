@@ -8,6 +8,7 @@ import torch
 from vigu_cli.core.flow import FlowSolver, Stream
 from vigu_cli.core.model import UniViGUTransformer
 from vigu_cli.core.text import (
+    consensus,
     TEXT_ORDERS,
     DiscreteTextFlow,
     EmbeddingTextFlow,
@@ -157,3 +158,9 @@ def test_encode_and_decode_texts_with_the_world_tokenizer():
     # anything after the first EOS is ignored
     ids[1, 6:] = ids[0, :26]
     assert decode_ids(tokenizer, ids)[1] == "a blue square staying still"
+
+
+def test_consensus_keeps_the_candidate_that_agrees_most_with_the_others():
+    assert consensus(["A red circle moves left.", "a red square moves left", "a red circle moves left quickly"]) == 0
+    assert consensus(["a blue square", "a red circle", "A red circle."]) == 1  # a tie: the first of the best
+    assert consensus(["only one"]) == 0

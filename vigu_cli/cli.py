@@ -160,6 +160,9 @@ SAMPLING_OPTIONS = {  # name: (annotation, default); a command receives them as 
     "negative_prompt": (Annotated[Optional[str], typer.Option(
         "--negative-prompt", help="What the video's guidance steers away from, as WanPipeline's negative_prompt "
         "(default: the model's, the empty prompt unless its recipe sets sampling.negative_prompt).")], None),
+    "caption_candidates": (Annotated[Optional[int], typer.Option(
+        "--caption-candidates", help="Captions drawn per clip, the one that agrees most with the others kept "
+        "(minimum Bayes risk decoding; default: the model's).")], None),
     "seed": (Annotated[int, typer.Option("--seed", help="Sample i uses seed + i, whatever the batch.")], 0),
     "batch": (Annotated[int, typer.Option("--batch", "-b", help="Samples per solver call.")], 1),
     "device": (Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")], "auto"),

@@ -18,12 +18,12 @@ start), which a model can only get from the video.
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from typing import Iterable
 
 import numpy as np
 
+from .core.text import words
 from .data import world
 
 HIDDEN = ("size", "speed", "background", "start")
@@ -117,10 +117,6 @@ def caption_coherence(measured: Iterable[dict], captions: list[str]) -> dict[str
 # ----------------------------------------------------------------------------------------------------
 # Caption text metrics (coco-caption's definitions)
 # ----------------------------------------------------------------------------------------------------
-
-
-def words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
 
 
 def ngrams(tokens: list[str], n: int) -> Counter:

@@ -178,6 +178,7 @@ class SamplingSection:
     generate_text: Literal["prompt", "none"] = "prompt"  # text stream of `generate`: clean prompt tokens, or none
     video_eta: Probability = 0.0  # DDIM's eta for the video's Euler steps: 0 the deterministic flow, 1 the DDPM posterior's noise
     negative_prompt: str = ""  # the unconditional prompt of the video's guidance ("": the empty prompt, as the official code)
+    caption_candidates: Count = 1  # captions drawn per clip by `caption`, the one agreeing most with the others kept (MBR)
     seed: int = 0
 
 

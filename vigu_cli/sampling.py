@@ -58,6 +58,7 @@ class SamplingOptions:
     text_order: Optional[str] = None
     video_eta: Optional[float] = None
     negative_prompt: Optional[str] = None
+    caption_candidates: Optional[int] = None
     seed: int = 0
     batch: int = 1  # samples per solver call
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -69,10 +70,10 @@ class SamplingOptions:
             value = getattr(self, name)
             if value is not None and value not in allowed:
                 raise VigUError(f"unknown {flag(name)} '{value}': use {', '.join(allowed[:-1])} or {allowed[-1]}")
-        for name in ("steps", "batch"):
+        for name in ("steps", "batch", "caption_candidates"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise VigUError(f"--{name} must be at least 1, got {value}")
+                raise VigUError(f"{flag(name)} must be at least 1, got {value}")
         for name in ("shift", "text_shift"):
             value = getattr(self, name)
             if value is not None and value <= 0:

@@ -99,6 +99,7 @@ def vigu_from_wan(wan: WanPipeline, recipe: Recipe) -> UniViGUPipeline:
         generate_text=sampling.generate_text,
         video_eta=sampling.video_eta,
         negative_prompt=sampling.negative_prompt,
+        caption_candidates=sampling.caption_candidates,
     )
 
 

@@ -300,15 +300,21 @@ class FlowSolver:
 VIDEO_NOISE_KEY = 0x7E5A  # mixes a sample's seed into the seed of its video noise generator
 
 
+def derived_generators(generator, *key: int):
+    """A generator seeded from each given generator's seed and `key` (a list for a list): draws of their own, which
+    do not move the given generators. None: None (the global generator)."""
+    if generator is None:
+        return None
+    own = lambda g: torch.Generator(g.device).manual_seed(  # noqa: E731
+        int(np.random.SeedSequence([g.initial_seed(), *key]).generate_state(1, np.uint64)[0]))
+    return [own(g) for g in generator] if isinstance(generator, list) else own(generator)
+
+
 def video_noise_generators(generator):
     """Generators of the video's fresh noise (`video_eta`), one per given generator, seeded from its seed: what the
     text stream draws does not move them, so a video that does not read the text is the same clip in `joint` as in
     `generate`. None: the global generator."""
-    if generator is None:
-        return None
-    own = lambda g: torch.Generator(g.device).manual_seed(  # noqa: E731
-        int(np.random.SeedSequence([g.initial_seed(), VIDEO_NOISE_KEY]).generate_state(1, np.uint64)[0]))
-    return [own(g) for g in generator] if isinstance(generator, list) else own(generator)
+    return derived_generators(generator, VIDEO_NOISE_KEY)
 
 
 def guides(*scales: float) -> bool:

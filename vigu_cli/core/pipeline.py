@@ -31,8 +31,8 @@ from diffusers.utils import BaseOutput
 from ..data import world_vae  # noqa: F401
 from ..data.video_io import tensor_to_frames
 from . import model  # noqa: F401
-from .flow import FlowSolver, Stream, flowing_guides
-from .text import decode_ids, encode_texts, make_text_flow
+from .flow import FlowSolver, Stream, derived_generators, flowing_guides
+from .text import consensus, decode_ids, encode_texts, make_text_flow
 from ..recipe import TextSection
 
 
@@ -48,11 +48,13 @@ class UniViGUPipelineOutput(BaseOutput):
 # The solver settings a call may override (`sampling_settings`); every other one comes from the model.
 SAMPLING_SETTINGS = (
     "steps", "solver", "shift", "guidance_video", "guidance_text", "text_shift", "text_temperature", "text_order",
-    "video_eta", "negative_prompt",
+    "video_eta", "negative_prompt", "caption_candidates",
 )
 # the settings of one stream: inert in a mode where that stream does not flow (the recorded settings leave them out)
 VIDEO_SETTINGS = ("shift", "guidance_video", "video_eta", "negative_prompt")
 TEXT_SETTINGS = ("text_shift", "guidance_text", "text_temperature", "text_order")
+CAPTION_SETTINGS = ("caption_candidates",)  # caption's alone: joint's caption is tied to its clip
+CANDIDATE_KEY = 0xCA9D  # mixes a sample's seed into the seeds of its further caption candidates
 
 
 class UniViGUPipeline(WanPipeline):
@@ -87,6 +89,7 @@ class UniViGUPipeline(WanPipeline):
         generate_text: str = "prompt",
         video_eta: float = 0.0,
         negative_prompt: str = "",
+        caption_candidates: int = 1,
     ):
         super().__init__(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer)
         # WanPipeline's Wan2.2 options are not ours: keep them out of model_index.json
@@ -116,6 +119,7 @@ class UniViGUPipeline(WanPipeline):
             generate_text=generate_text,
             video_eta=video_eta,
             negative_prompt=negative_prompt,
+            caption_candidates=caption_candidates,
         )
 
     # ------------------------------------------------------------------------------------------------
@@ -215,7 +219,7 @@ class UniViGUPipeline(WanPipeline):
             steps=cfg.steps, solver=cfg.solver, shift=self.scheduler.config.shift,
             guidance_video=cfg.guidance_video, guidance_text=cfg.guidance_text, text_shift=cfg.text_shift,
             text_temperature=cfg.text_temperature, text_order=cfg.text_order, video_eta=cfg.video_eta,
-            negative_prompt=cfg.negative_prompt,
+            negative_prompt=cfg.negative_prompt, caption_candidates=cfg.caption_candidates,
         )
         merged.update({k: v for k, v in overrides.items() if v is not None})
         if merged["solver"] == "heun" and overrides.get("video_eta") is None:
@@ -230,7 +234,8 @@ class UniViGUPipeline(WanPipeline):
         the text's in `generate` (its text, if any, is the given prompt) and the video's in `caption` (its video is
         the given clip; `text_shift` says the grid the text walks)."""
         settings = self.sampling_settings(**overrides)
-        inert = {"generate": TEXT_SETTINGS, "caption": VIDEO_SETTINGS}.get(mode, ())
+        inert = {"generate": TEXT_SETTINGS + CAPTION_SETTINGS, "joint": CAPTION_SETTINGS,
+                 "caption": VIDEO_SETTINGS}.get(mode, ())
         if self.text_flow.continuous:
             inert = (*inert, "text_temperature", "text_order")
         return {k: v for k, v in settings.items() if k not in inert}
@@ -315,13 +320,22 @@ class UniViGUPipeline(WanPipeline):
                              "vigu_cli.data.video_io.load_clip fits a video file to a shape, frames_to_tensor converts")
         batch = video.shape[0]
         hints = [""] * batch if hint is None else ([hint] * batch if isinstance(hint, str) else list(hint))
-        frozen = Stream(self.encode_video(video), frozen=True)
-        text = Stream(self._noise_text(batch, generator))
+        # `caption_candidates` K: K captions of each clip, the one that agrees most with the others kept (minimum
+        # Bayes risk); the first is the caption K = 1 gives, the others draw from generators of their own
+        k = self.sampling_settings(**settings)["caption_candidates"]
+        latents = self.encode_video(video).repeat_interleave(k, 0)
+        hints = [h for h in hints for _ in range(k)]
+        if isinstance(generator, list) and k > 1:
+            generator = [g for given in generator
+                         for g in [given, *(derived_generators(given, CANDIDATE_KEY, j) for j in range(1, k))]]
+        text = Stream(self._noise_text(batch * k, generator))
         one_way = not self.transformer.config.video_attends_text  # the video is then computed once
         model_fn = self.frozen_video_model_fn() if one_way else None
         settings = {**settings, "video_eta": 0.0}  # the video is given: its stochastic step does nothing
-        _, state = self._solve(frozen, text, hints, generator, callback, settings, model_fn)
-        return UniViGUPipelineOutput(texts=self.decode_text(state))
+        _, state = self._solve(Stream(latents, frozen=True), text, hints, generator, callback, settings, model_fn)
+        texts = self.decode_text(state)
+        return UniViGUPipelineOutput(texts=[group[consensus(group)] for group in
+                                            (texts[i : i + k] for i in range(0, len(texts), k))])
 
     @torch.no_grad()
     def joint(

@@ -16,6 +16,8 @@ The solver, the training loop and the pipeline only call `TextFlow` methods, nev
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
@@ -25,6 +27,24 @@ import torch.nn.functional as F
 from .flow import _broadcast, draw, draw_per_sample, interpolate, per_sample_mse, predicted_data, velocity_target
 
 TEXT_ORDERS = ("random", "confidence")  # which tokens of the discrete flow jump at a solver step
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased alphanumeric words (punctuation dropped, as coco-caption's PTB tokenizer does)."""
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def consensus(texts: list[str]) -> int:
+    """Minimum Bayes risk decoding's choice among candidate texts: the index of the one whose words agree most with
+    the others' (unigram F1, summed over them); the first on a tie."""
+    bags = [Counter(words(text)) for text in texts]
+
+    def f1(a: Counter, b: Counter) -> float:
+        common = sum((a & b).values())
+        return 2 * common / (sum(a.values()) + sum(b.values())) if common else 0.0
+
+    agreement = [sum(f1(bag, other) for j, other in enumerate(bags) if j != i) for i, bag in enumerate(bags)]
+    return max(range(len(texts)), key=lambda i: (agreement[i], -i))
 
 # ----------------------------------------------------------------------------------------------------
 # Tokens
