@@ -83,7 +83,8 @@ def bench(name: str, pipe, steps: int, repeats: int) -> None:
 
     runs = {
         "stock Wan T2V step (CFG)": stock_steps,
-        "caption": lambda cb: pipe.caption(clip, generator=generator(), callback=cb, steps=steps),
+        "caption": lambda cb: pipe.caption(clip, generator=generator(), callback=cb, steps=steps,
+                                           caption_candidates=1),  # one caption: one text stream per step
         "generate": lambda cb: pipe.generate(PROMPT, generator=generator(), callback=cb, steps=steps, output_type="latent"),
         "joint": lambda cb: pipe.joint(PROMPT, generator=generator(), callback=cb, steps=steps, output_type="latent"),
     }
