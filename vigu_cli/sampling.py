@@ -155,10 +155,10 @@ def load_model(options: SamplingOptions, mode: Optional[str] = None) -> UniViGUP
         if getattr(options, name) not in (None, inert) and pipe.text_flow.continuous:
             raise VigUError(f"{flag(name)}: {options.model} uses the {pipe.text_flow.name} text flow, "
                             "which draws no tokens (the option is for the discrete flow); leave it out")
-    if options.negative_prompt and mode != "caption":  # caption's video is given: the video's settings do nothing
-        check_vocabulary(pipe, [options.negative_prompt])
-    settings = pipe.sampling_settings(**options.overrides())
-    if settings["solver"] == "heun" and settings["video_eta"] > 0 and mode != "caption":
+    settings = pipe.recorded_settings(mode, **options.overrides())  # those that act in `mode` (caption's video is given)
+    if settings.get("negative_prompt"):
+        check_vocabulary(pipe, [settings["negative_prompt"]])
+    if settings["solver"] == "heun" and settings.get("video_eta", 0.0) > 0:
         raise VigUError(f"--solver heun with --video-eta {settings['video_eta']}: the video's stochastic step is an "
                         "Euler step; leave --video-eta out (Heun integrates the deterministic flow) or use --solver euler")
     return pipe.to(device)

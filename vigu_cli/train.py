@@ -454,7 +454,7 @@ def validate(accelerator, pipe, core, recipe: Recipe, stage: StageSection, data:
         if not held_out:
             every = read_info(data)["split"]["val_every"]
             say(accelerator, f"validation at step {step}: {data} holds no held-out items (data.val_every {every}; 0 "
-                              "holds none out): build it with more items or a smaller data.val_every; skipped")
+                             "holds none out): build it with more items or a smaller data.val_every; skipped")
     if held_out:
         was_training = core.training
         core.eval()

@@ -245,12 +245,14 @@ class UniViGUPipeline(WanPipeline):
         device = self._execution_device
         condition = self.encode_condition(prompts, device)
         guided = flowing_guides(video, text, s["guidance_video"], s["guidance_text"])
-        # the negative prompt is what the video's guidance steers away from: caption's video is given
-        negative = s["negative_prompt"] if video is not None and not video.frozen else ""
+        # the video's own settings act only on a video that flows (caption's is given): its negative prompt, what
+        # its guidance steers away from, and its stochastic step
+        video_flows = video is not None and not video.frozen
+        negative = s["negative_prompt"] if video_flows else ""
         uncondition = self.encode_condition([negative] * len(prompts), device) if guided and any(prompts) else None
-        solver = FlowSolver(s["steps"], s["solver"], s["shift"], s["text_shift"], s["video_eta"])
+        solver = FlowSolver(s["steps"], s["solver"], s["shift"], s["text_shift"], s["video_eta"] if video_flows else 0.0)
         # a video that flows and does not read the text predicts the same without it
-        one_way = video is not None and not video.frozen and not self.transformer.config.video_attends_text
+        one_way = video_flows and not self.transformer.config.video_attends_text
         return solver(
             model_fn or self.model_fn, video, text, self.text_flow, condition, uncondition,
             s["guidance_video"], s["guidance_text"], generator, callback, s["text_temperature"], s["text_order"],
@@ -331,7 +333,6 @@ class UniViGUPipeline(WanPipeline):
         text = Stream(self._noise_text(batch * k, generator))
         one_way = not self.transformer.config.video_attends_text  # the video is then computed once
         model_fn = self.frozen_video_model_fn() if one_way else None
-        settings = {**settings, "video_eta": 0.0}  # the video is given: its stochastic step does nothing
         _, state = self._solve(Stream(latents, frozen=True), text, hints, generator, callback, settings, model_fn)
         texts = self.decode_text(state)
         return UniViGUPipelineOutput(texts=[group[consensus(group)] for group in

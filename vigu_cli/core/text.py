@@ -46,6 +46,7 @@ def consensus(texts: list[str]) -> int:
     agreement = [sum(f1(bag, other) for j, other in enumerate(bags) if j != i) for i, bag in enumerate(bags)]
     return max(range(len(texts)), key=lambda i: (agreement[i], -i))
 
+
 # ----------------------------------------------------------------------------------------------------
 # Tokens
 # ----------------------------------------------------------------------------------------------------
