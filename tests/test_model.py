@@ -391,8 +391,9 @@ def test_text_that_reads_video_keys_of_its_own_starts_equal_and_trains_them_with
 
 @pytest.mark.parametrize("attention, video_keys", [("shared", "video"), ("own", "video"), ("own", "text")])
 def test_a_video_context_gives_the_text_prediction_of_the_video_itself(attention, video_keys):
-    """A video that does not attend to the text, computed once (`video_context`), then text-only forwards:
-    the text prediction of a forward with the video, for any text; a video that reads the text has none."""
+    """A video that does not attend to the text, computed once (`video_context`, with or without the keys and
+    values the text reads of it), then text-only forwards: the text prediction of a forward with the video, for
+    any text; a video that reads the text has none."""
     x = inputs(formulation="discrete")
     one_way = unified("discrete", seed=5, text_attention=attention, video_attends_text=False,
                       text_video_keys=video_keys)
@@ -401,13 +402,15 @@ def test_a_video_context_gives_the_text_prediction_of_the_video_itself(attention
             one_way.blocks[0].attn1_text.to_k.weight.add_(0.5)
     video = {k: x[k] for k in ("hidden_states", "timestep", "encoder_hidden_states")}
     with torch.no_grad():
-        context = one_way.video_context(**video)
+        context, kept = one_way.video_context(**video), one_way.video_context(**video, keys_values=True)
+        assert context.keys_values is None and len(kept.keys_values) == len(one_way.blocks)
         for text_states in (x["text_states"], (x["text_states"] + 3) % VOCAB):
             text = {"text_states": text_states, "timestep_text": x["timestep_text"]}
             want = one_way(**video, **text).text_sample
-            got = one_way(encoder_hidden_states=x["encoder_hidden_states"], video_context=context, **text)
-            assert got.sample is None
-            torch.testing.assert_close(got.text_sample, want, atol=1e-5, rtol=1e-5)
+            for given in (context, kept):
+                got = one_way(encoder_hidden_states=x["encoder_hidden_states"], video_context=given, **text)
+                assert got.sample is None
+                torch.testing.assert_close(got.text_sample, want, atol=1e-5, rtol=1e-5)
         with pytest.raises(ValueError, match="not both"):
             one_way(**x, video_context=context)
         with pytest.raises(ValueError, match="attends to the text"):

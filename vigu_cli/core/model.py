@@ -50,10 +50,13 @@ class VideoContext:
     """What the text stream reads of a video that does not attend to the text (`video_attends_text=False`),
     computed once by `UniViGUTransformer.video_context`: per block, the video tokens as its self-attention
     takes them (normalised and modulated), and the video's RoPE. A frozen video (`caption`) then costs one
-    video forward, and each solver step runs the text stream alone."""
+    video forward, and each solver step runs the text stream alone. `keys_values` (for weights that do not change
+    while it is used, as in sampling): per block, the keys (normalised, with RoPE) and values the text's queries
+    read of those tokens, so a step does not project them again."""
 
     tokens: list[torch.Tensor]
     rotary_emb: tuple[torch.Tensor, torch.Tensor]
+    keys_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class _Read(Exception):
@@ -123,16 +126,35 @@ class _TextQueryView(_JointAttentionView):
         self.norm_k = _RotaryAfter(self.norm_k, rotary_emb, video.heads)
 
 
+class _KeptVideoKeysView(_TextQueryView):
+    """The `_TextQueryView` over `[video ; text]` keys and values whose video part was computed before
+    (`VideoContext.keys_values`): it takes the text tokens alone and puts the kept video keys and values before
+    theirs, as the processor projects and normalises them."""
+
+    def __init__(self, video: WanAttention, text: WanAttention, rotary_emb, keys_values):
+        key, value = keys_values
+        num_video = key.shape[1]
+        super().__init__(video, text, num_video, rotary_emb)
+        text_rotary = _RotaryAfter(text.norm_k, tuple(r[:, num_video:] for r in rotary_emb), video.heads)
+        self.to_k = text.to_k
+        self.norm_k = lambda k: torch.cat([key.type_as(k), text_rotary(k)], dim=1)
+        self.to_v = lambda x: torch.cat([value.type_as(x), text.to_v(x)], dim=1)
+
+
 class _TextAttnProcessor(WanAttnProcessor):
     """diffusers' `WanAttnProcessor` for a block with text tokens, so `attn1` stays the module that is called
     (and hooked). Given `text` (the text tokens' `WanAttention`: `attn1` itself when shared) and `num_video`:
     self-attention of every token to every token (over the `_JointAttentionView` when the text has its own
     projections); with `encoder_hidden_states` (`[video ; text]`), the queries of `hidden_states`, the text
     tokens, attend to it (`_TextQueryView`; `text_keys_video`: through `text`'s keys and values of the video
-    tokens too)."""
+    tokens too); with `video_keys_values`, the text tokens attend to those kept keys and values of the video and
+    to their own."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
-                 text=None, num_video=0, text_keys_video=False):
+                 text=None, num_video=0, text_keys_video=False, video_keys_values=None):
+        if video_keys_values is not None:  # the video's keys and values kept: the text tokens attend to them and theirs
+            view = _KeptVideoKeysView(attn, text, rotary_emb, video_keys_values)
+            return super().__call__(view, hidden_states, hidden_states, attention_mask, None)
         if encoder_hidden_states is not None and text is not None:
             view = _TextQueryView(attn, text, num_video, rotary_emb, text_keys_video)
             return super().__call__(view, hidden_states, encoder_hidden_states, attention_mask, None)
@@ -173,10 +195,12 @@ class UniViGUTransformerBlock(WanTransformerBlock):
         text_hidden_states: torch.Tensor | None = None,
         temb_text: torch.Tensor | None = None,
         video_tokens: torch.Tensor | None = None,
+        video_keys_values: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         """Without text: the stock block. With text: returns `(video or None, text)`; `rotary_emb` then
         covers `[video ; text]` and `temb`, `temb_text` are `[B, 6, D]` projections. `video_tokens` (with no
-        `hidden_states`): this block's tokens of a `VideoContext`, which the text queries read."""
+        `hidden_states`): this block's tokens of a `VideoContext`, which the text queries read;
+        `video_keys_values`: its keys and values as they read them (`video_keys_values()`), used in their place."""
         if text_hidden_states is None:
             return super().forward(hidden_states, encoder_hidden_states, temb, rotary_emb)
         streams = [(hidden_states, temb, self.attn2, self.ffn),
@@ -192,7 +216,9 @@ class UniViGUTransformerBlock(WanTransformerBlock):
         num_video = sum(sizes[:-1]) if video_tokens is None else video_tokens.shape[1]
         text = {"text": getattr(self, "attn1_text", self.attn1), "num_video": num_video,
                 "text_keys_video": self.text_keys_video}
-        if video_tokens is not None:  # a video computed before (VideoContext): text queries over [it ; text]
+        if video_keys_values is not None:  # a video's keys and values computed before: text queries over them
+            attn_output = (self.attn1(norm_x[0], None, None, rotary_emb, **text, video_keys_values=video_keys_values),)
+        elif video_tokens is not None:  # a video computed before (VideoContext): text queries over [it ; text]
             keys = torch.cat([video_tokens.type_as(norm_x[0]), norm_x[0]], dim=1)
             attn_output = (self.attn1(norm_x[0], keys, None, rotary_emb, **text),)
         elif self.video_attends_text or hidden_states is None:
@@ -214,6 +240,13 @@ class UniViGUTransformerBlock(WanTransformerBlock):
             norm_x = (self.norm3(x.float()) * (1 + m[4]) + m[3]).type_as(x)
             out.append((x.float() + ffn(norm_x).float() * m[5]).type_as(x))
         return (out[0] if hidden_states is not None else None), out[-1]
+
+    def video_keys_values(self, video_tokens: torch.Tensor, rotary_emb) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys (normalised, with the video's RoPE `rotary_emb`) and values that this block's text queries
+        read of `video_tokens`, its self-attention input of a video (`VideoContext.tokens`)."""
+        attn = self.attn1_text if self.text_keys_video else self.attn1
+        key = _RotaryAfter(attn.norm_k, rotary_emb, attn.heads)(attn.to_k(video_tokens))
+        return key, attn.to_v(video_tokens)
 
     def _modulation(self, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (self.scale_shift_table + temb.float()).chunk(6, dim=1)
@@ -432,10 +465,11 @@ class UniViGUTransformer(WanTransformer3DModel):
 
     @torch.no_grad()
     def video_context(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
-                      encoder_hidden_states: torch.Tensor) -> VideoContext:
+                      encoder_hidden_states: torch.Tensor, keys_values: bool = False) -> VideoContext:
         """One stock forward of a video that does not attend to the text, keeping what each block's text
         queries read of it (`VideoContext`): with it, `forward(video_context=...)` runs the text alone and
-        predicts what a forward with this video would."""
+        predicts what a forward with this video would. `keys_values`: also keep the keys and values the text
+        reads of it (for weights that stay as they are while the context is used: sampling, not training)."""
         if self.config.video_attends_text:
             raise ValueError("the video attends to the text (video_attends_text=True): it changes with the text, "
                              "so there is no video context to keep")
@@ -454,7 +488,9 @@ class UniViGUTransformer(WanTransformer3DModel):
         finally:
             for hook in hooks:
                 hook.remove()
-        return VideoContext(tokens, self.rope(hidden_states))
+        rotary_emb = self.rope(hidden_states)
+        kept = [block.video_keys_values(x, rotary_emb) for block, x in zip(self.blocks, tokens)] if keys_values else None
+        return VideoContext(tokens, rotary_emb, kept)
 
     def _joint_forward(self, hidden_states, timestep, encoder_hidden_states, text_states, timestep_text, image,
                        video_context=None, video_prediction=True):
@@ -486,11 +522,13 @@ class UniViGUTransformer(WanTransformer3DModel):
         temb_text = self.time_embedder_text(t.to(self.time_embedder_text.linear_1.weight.dtype)).type_as(prompt)
         timestep_proj_text = self.time_proj_text(self.condition_embedder.act_fn(temb_text)).unflatten(1, (6, -1))
 
-        cached = video_context.tokens if video_context is not None else [None] * len(self.blocks)
-        for index, (block, video_tokens) in enumerate(zip(self.blocks, cached)):
+        none = [None] * len(self.blocks)
+        cached = (video_context.tokens, video_context.keys_values or none) if video_context is not None else (none, none)
+        for index, (block, video_tokens, keys_values) in enumerate(zip(self.blocks, *cached)):
             if video is not None and not video_prediction and index == len(self.blocks) - 1:
                 video_tokens, video = block.attention_input(video, timestep_proj), None  # only the text reads it
-            args = (video, encoder_hidden_states, timestep_proj, rotary_emb, text, timestep_proj_text, video_tokens)
+            args = (video, encoder_hidden_states, timestep_proj, rotary_emb, text, timestep_proj_text, video_tokens,
+                    keys_values)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 video, text = self._gradient_checkpointing_func(block, *args)
             else:

@@ -194,14 +194,16 @@ class UniViGUPipeline(WanPipeline):
 
     def frozen_video_model_fn(self):
         """`model_fn` for a frozen video that does not attend to the text (`video_attends_text=False`): the
-        video's `VideoContext` is computed at the first step for each condition (prompt, empty prompt) and
-        every step after runs the text stream alone; the same predictions as `model_fn`."""
+        video's `VideoContext` (with the keys and values the text reads of it) is computed at the first step for each
+        condition (prompt, empty prompt) and every step after runs the text stream alone; the same predictions as
+        `model_fn`."""
         contexts = []  # (condition, its VideoContext): the solver passes the same condition tensors each step
 
         def model_fn(x_v, x_t, t_v, t_t, condition):
             context = next((c for cond, c in contexts if cond is condition), None)
             if context is None:
-                context = self.transformer.video_context(x_v.to(self.transformer.dtype), t_v, condition)
+                context = self.transformer.video_context(x_v.to(self.transformer.dtype), t_v, condition,
+                                                         keys_values=True)
                 contexts.append((condition, context))
             return self.model_fn(None, x_t, None, t_t, condition, video_context=context)
 
