@@ -216,13 +216,8 @@ class UniViGUPipeline(WanPipeline):
         unknown = set(overrides) - set(SAMPLING_SETTINGS)
         if unknown:
             raise TypeError(f"unknown sampling setting(s): {', '.join(sorted(unknown))}")
-        cfg = self.config
-        merged = dict(
-            steps=cfg.steps, solver=cfg.solver, shift=self.scheduler.config.shift,
-            guidance_video=cfg.guidance_video, guidance_text=cfg.guidance_text, text_shift=cfg.text_shift,
-            text_temperature=cfg.text_temperature, text_order=cfg.text_order, video_eta=cfg.video_eta,
-            negative_prompt=cfg.negative_prompt, caption_candidates=cfg.caption_candidates,
-        )
+        # each setting is the pipeline config's entry of its name, but the shift, which the scheduler holds
+        merged = {name: self.scheduler.config.shift if name == "shift" else self.config[name] for name in SAMPLING_SETTINGS}
         merged.update({k: v for k, v in overrides.items() if v is not None})
         if merged["solver"] == "heun" and overrides.get("video_eta") is None:
             merged["video_eta"] = 0.0
