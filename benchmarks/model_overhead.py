@@ -59,17 +59,17 @@ def matmul_flops(arch: dict, video_tokens: int, text_tokens: int, prompt_tokens:
 
 def text_only_flops(arch: dict, video_tokens: int, text_tokens: int, prompt_tokens: int, text_width: int) -> float:
     """Forward FLOPs of the matmuls of a text-only forward over a `VideoContext` (a video that does not attend
-    to the text, computed before, with the keys and values the text reads of it, as sampling keeps them): the
-    text tokens' own and their attention over video + text keys."""
+    to the text, computed before, with the keys and values the text reads of it and of the prompt, as sampling
+    keeps them): the text tokens' own and their attention over video + text keys and over the prompt."""
     d, ffn, layers = arch["num_attention_heads"] * arch["attention_head_dim"], arch["ffn_dim"], arch["num_layers"]
     n, t = video_tokens, text_tokens
     per_layer = (
         2 * t * 4 * d * d  # attn1 q, k, v, out of the text
         + 4 * t * (n + t) * d  # the text's scores and weighted sum over [video ; text]
-        + 2 * t * 2 * d * d + 2 * prompt_tokens * 2 * d * d + 4 * t * prompt_tokens * d  # attn2
+        + 2 * t * 2 * d * d + 4 * t * prompt_tokens * d  # attn2: the text's q and out, its scores over the prompt
         + 2 * t * 2 * d * ffn  # ffn_text
     )
-    outside = 2 * prompt_tokens * (arch["text_dim"] * d + d * d) + 2 * t * 2 * d * text_width
+    outside = 2 * t * 2 * d * text_width  # text_in and text_out
     return layers * per_layer + outside
 
 

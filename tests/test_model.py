@@ -403,7 +403,8 @@ def test_a_video_context_gives_the_text_prediction_of_the_video_itself(attention
     video = {k: x[k] for k in ("hidden_states", "timestep", "encoder_hidden_states")}
     with torch.no_grad():
         context, kept = one_way.video_context(**video), one_way.video_context(**video, keys_values=True)
-        assert context.keys_values is None and len(kept.keys_values) == len(one_way.blocks)
+        assert context.keys_values is context.prompt_keys_values is None
+        assert len(kept.keys_values) == len(kept.prompt_keys_values) == len(one_way.blocks)
         for text_states in (x["text_states"], (x["text_states"] + 3) % VOCAB):
             text = {"text_states": text_states, "timestep_text": x["timestep_text"]}
             want = one_way(**video, **text).text_sample
@@ -411,6 +412,15 @@ def test_a_video_context_gives_the_text_prediction_of_the_video_itself(attention
                 got = one_way(encoder_hidden_states=x["encoder_hidden_states"], video_context=given, **text)
                 assert got.sample is None
                 torch.testing.assert_close(got.text_sample, want, atol=1e-5, rtol=1e-5)
+        # the kept context reads the prompt it was computed with, through its kept keys and values
+        other_prompt = torch.zeros_like(x["encoder_hidden_states"])
+        assert not torch.allclose(one_way(encoder_hidden_states=other_prompt, video_context=context, **text).text_sample,
+                                  want, atol=1e-3)
+        torch.testing.assert_close(one_way(encoder_hidden_states=other_prompt, video_context=kept, **text).text_sample,
+                                   want, atol=1e-5, rtol=1e-5)
+        kept.prompt_keys_values[0][1].add_(1.0)
+        assert not torch.allclose(one_way(encoder_hidden_states=other_prompt, video_context=kept, **text).text_sample,
+                                  want, atol=1e-3)
         with pytest.raises(ValueError, match="not both"):
             one_way(**x, video_context=context)
         with pytest.raises(ValueError, match="attends to the text"):

@@ -52,11 +52,14 @@ class VideoContext:
     takes them (normalised and modulated), and the video's RoPE. A frozen video (`caption`) then costs one
     video forward, and each solver step runs the text stream alone. `keys_values` (for weights that do not change
     while it is used, as in sampling): per block, the keys (normalised, with RoPE) and values the text's queries
-    read of those tokens, so a step does not project them again."""
+    read of those tokens, so a step does not project them again; and `prompt_keys_values`, per block, those the
+    text's cross-attention reads of the prompt the context was computed with, so a step does not embed and project
+    the prompt again."""
 
     tokens: list[torch.Tensor]
     rotary_emb: tuple[torch.Tensor, torch.Tensor]
     keys_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    prompt_keys_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class _Read(Exception):
@@ -141,6 +144,17 @@ class _KeptVideoKeysView(_TextQueryView):
         self.to_v = lambda x: torch.cat([value.type_as(x), text.to_v(x)], dim=1)
 
 
+class _KeptKeysView:
+    """WanAttention's interface for diffusers' `WanAttnProcessor` over keys (normalised) and values computed before:
+    the queries of the tokens given are projected by `attn`, the keys and values are the kept ones."""
+
+    def __init__(self, attn: WanAttention, key: torch.Tensor, value: torch.Tensor):
+        self.heads, self.add_k_proj, self.fused_projections = attn.heads, None, False
+        self.to_q, self.norm_q, self.to_out = attn.to_q, attn.norm_q, attn.to_out
+        self.to_k, self.to_v = (lambda x: key.type_as(x)), (lambda x: value.type_as(x))
+        self.norm_k = nn.Identity()
+
+
 class _TextAttnProcessor(WanAttnProcessor):
     """diffusers' `WanAttnProcessor` for a block with text tokens, so `attn1` stays the module that is called
     (and hooked). Given `text` (the text tokens' `WanAttention`: `attn1` itself when shared) and `num_video`:
@@ -196,11 +210,14 @@ class UniViGUTransformerBlock(WanTransformerBlock):
         temb_text: torch.Tensor | None = None,
         video_tokens: torch.Tensor | None = None,
         video_keys_values: tuple[torch.Tensor, torch.Tensor] | None = None,
+        prompt_keys_values: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         """Without text: the stock block. With text: returns `(video or None, text)`; `rotary_emb` then
         covers `[video ; text]` and `temb`, `temb_text` are `[B, 6, D]` projections. `video_tokens` (with no
         `hidden_states`): this block's tokens of a `VideoContext`, which the text queries read;
-        `video_keys_values`: its keys and values as they read them (`video_keys_values()`), used in their place."""
+        `video_keys_values`: its keys and values as they read them (`video_keys_values()`), used in their place;
+        `prompt_keys_values` (with no video): those the text's cross-attention reads of the prompt
+        (`prompt_keys_values()`), used in place of `encoder_hidden_states`."""
         if text_hidden_states is None:
             return super().forward(hidden_states, encoder_hidden_states, temb, rotary_emb)
         streams = [(hidden_states, temb, self.attn2, self.ffn),
@@ -231,8 +248,13 @@ class UniViGUTransformerBlock(WanTransformerBlock):
 
         # 2. Cross-attention to the prompt (shared, or the text's own), ungated, each stream on its own (the same
         # per token; video that does not attend to text then does not depend on it in autograd's graph either).
-        xs = [(x + attn2(self.norm2(x.float()).type_as(x), encoder_hidden_states, None, None)).type_as(x)
-              for x, (_, _, attn2, _) in zip(xs, streams)]
+        if prompt_keys_values is not None:  # the text alone, over the prompt's keys and values computed before
+            attn2 = streams[0][2]
+            xs = [(xs[0] + attn2.processor(_KeptKeysView(attn2, *prompt_keys_values),
+                                           self.norm2(xs[0].float()).type_as(xs[0]))).type_as(xs[0])]
+        else:
+            xs = [(x + attn2(self.norm2(x.float()).type_as(x), encoder_hidden_states, None, None)).type_as(x)
+                  for x, (_, _, attn2, _) in zip(xs, streams)]
 
         # 3. One FFN per modality.
         out = []
@@ -247,6 +269,12 @@ class UniViGUTransformerBlock(WanTransformerBlock):
         attn = self.attn1_text if self.text_keys_video else self.attn1
         key = _RotaryAfter(attn.norm_k, rotary_emb, attn.heads)(attn.to_k(video_tokens))
         return key, attn.to_v(video_tokens)
+
+    def prompt_keys_values(self, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys (normalised) and values that this block's text tokens read of `prompt`, the embedded prompt
+        (`condition_embedder.text_embedder`'s output), through their cross-attention."""
+        attn = getattr(self, "attn2_text", self.attn2)
+        return attn.norm_k(attn.to_k(prompt)), attn.to_v(prompt)
 
     def _modulation(self, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (self.scale_shift_table + temb.float()).chunk(6, dim=1)
@@ -469,7 +497,8 @@ class UniViGUTransformer(WanTransformer3DModel):
         """One stock forward of a video that does not attend to the text, keeping what each block's text
         queries read of it (`VideoContext`): with it, `forward(video_context=...)` runs the text alone and
         predicts what a forward with this video would. `keys_values`: also keep the keys and values the text
-        reads of it (for weights that stay as they are while the context is used: sampling, not training)."""
+        reads of it and of this prompt, which the forwards then read in place of the prompt they are given (for
+        weights and a prompt that stay as they are while the context is used: sampling, not training)."""
         if self.config.video_attends_text:
             raise ValueError("the video attends to the text (video_attends_text=True): it changes with the text, "
                              "so there is no video context to keep")
@@ -489,8 +518,11 @@ class UniViGUTransformer(WanTransformer3DModel):
             for hook in hooks:
                 hook.remove()
         rotary_emb = self.rope(hidden_states)
-        kept = [block.video_keys_values(x, rotary_emb) for block, x in zip(self.blocks, tokens)] if keys_values else None
-        return VideoContext(tokens, rotary_emb, kept)
+        if not keys_values:
+            return VideoContext(tokens, rotary_emb)
+        prompt = self.condition_embedder.text_embedder(encoder_hidden_states)
+        return VideoContext(tokens, rotary_emb, [block.video_keys_values(x, rotary_emb) for block, x in zip(self.blocks, tokens)],
+                            [block.prompt_keys_values(prompt) for block in self.blocks])
 
     def _joint_forward(self, hidden_states, timestep, encoder_hidden_states, text_states, timestep_text, image,
                        video_context=None, video_prediction=True):
@@ -509,7 +541,7 @@ class UniViGUTransformer(WanTransformer3DModel):
             video = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
             temb, timestep_proj, encoder_hidden_states, image = self.condition_embedder(timestep, prompt, image)
             timestep_proj = timestep_proj.unflatten(1, (6, -1))
-        else:
+        elif video_context is None or video_context.prompt_keys_values is None:  # else kept by the context
             encoder_hidden_states = self.condition_embedder.text_embedder(prompt)
             if image is not None:
                 image = self.condition_embedder.image_embedder(image)
@@ -523,12 +555,13 @@ class UniViGUTransformer(WanTransformer3DModel):
         timestep_proj_text = self.time_proj_text(self.condition_embedder.act_fn(temb_text)).unflatten(1, (6, -1))
 
         none = [None] * len(self.blocks)
-        cached = (video_context.tokens, video_context.keys_values or none) if video_context is not None else (none, none)
-        for index, (block, video_tokens, keys_values) in enumerate(zip(self.blocks, *cached)):
+        cached = ((video_context.tokens, video_context.keys_values or none, video_context.prompt_keys_values or none)
+                  if video_context is not None else (none, none, none))
+        for index, (block, video_tokens, keys_values, prompt_keys_values) in enumerate(zip(self.blocks, *cached)):
             if video is not None and not video_prediction and index == len(self.blocks) - 1:
                 video_tokens, video = block.attention_input(video, timestep_proj), None  # only the text reads it
             args = (video, encoder_hidden_states, timestep_proj, rotary_emb, text, timestep_proj_text, video_tokens,
-                    keys_values)
+                    keys_values, prompt_keys_values)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 video, text = self._gradient_checkpointing_func(block, *args)
             else:
