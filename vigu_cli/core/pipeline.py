@@ -23,7 +23,6 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 from diffusers import WanPipeline
-from diffusers.configuration_utils import FrozenDict
 from diffusers.utils import BaseOutput
 
 # A vigu folder's model_index.json names these modules as the libraries of its transformer and (world) VAE, and
@@ -90,12 +89,16 @@ class UniViGUPipeline(WanPipeline):
         video_eta: float = 0.0,
         negative_prompt: str = "",
         caption_candidates: int = 1,
+        transformer_2=None,
+        boundary_ratio: Optional[float] = None,
+        expand_timesteps: bool = False,
     ):
+        # WanPipeline's Wan2.2 options stay in the config at Wan2.1's values, as a stock folder's model_index.json
+        # keeps them, so that WanPipeline's own `__call__` (plain text-to-video with the stock transformer) runs
+        if transformer_2 is not None or boundary_ratio is not None or expand_timesteps:
+            raise ValueError("Wan2.2's options (transformer_2, boundary_ratio, expand_timesteps) are not supported: "
+                             "vigu turns a Wan2.1 text-to-video model into Uni-ViGU")
         super().__init__(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer)
-        # WanPipeline's Wan2.2 options are not ours: keep them out of model_index.json
-        self._internal_dict = FrozenDict(
-            {k: v for k, v in self._internal_dict.items() if k not in ("transformer_2", "boundary_ratio", "expand_timesteps")}
-        )
         self.register_modules(text_tokenizer=text_tokenizer)
         self.register_to_config(
             text_formulation=text_formulation,
