@@ -65,6 +65,8 @@ def test_convert_then_generate_equals_wan_and_exports_back(tiny_wan_vae_dir, tmp
     assert float((ours - expected).abs().max()) <= 1e-5
     # WanPipeline's own __call__ runs on the vigu folder too (the transformer without text is the stock one)
     assert float((wan_latents(pipe) - expected).abs().max()) <= 1e-5
+    with pytest.raises(ValueError, match="Wan2.2's options"):
+        UniViGUPipeline(**{**pipe.components, "boundary_ratio": 0.875})
 
     assert convert_folder(tmp_path / "vigu", tmp_path / "wan-again", recipe) == "WanPipeline"
     _, info = WanTransformer3DModel.from_pretrained(

@@ -521,7 +521,8 @@ class UniViGUTransformer(WanTransformer3DModel):
         if not keys_values:
             return VideoContext(tokens, rotary_emb)
         prompt = self.condition_embedder.text_embedder(encoder_hidden_states)
-        return VideoContext(tokens, rotary_emb, [block.video_keys_values(x, rotary_emb) for block, x in zip(self.blocks, tokens)],
+        return VideoContext(tokens, rotary_emb,
+                            [block.video_keys_values(x, rotary_emb) for block, x in zip(self.blocks, tokens)],
                             [block.prompt_keys_values(prompt) for block in self.blocks])
 
     def _joint_forward(self, hidden_states, timestep, encoder_hidden_states, text_states, timestep_text, image,

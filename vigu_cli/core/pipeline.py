@@ -197,9 +197,9 @@ class UniViGUPipeline(WanPipeline):
 
     def frozen_video_model_fn(self):
         """`model_fn` for a frozen video that does not attend to the text (`video_attends_text=False`): the
-        video's `VideoContext` (with the keys and values the text reads of it and of the prompt) is computed at the first step for each
-        condition (prompt, empty prompt) and every step after runs the text stream alone; the same predictions as
-        `model_fn`."""
+        video's `VideoContext` (with the keys and values the text reads of it and of the prompt) is computed at the
+        first step for each condition (prompt, empty prompt) and every step after runs the text stream alone; the
+        same predictions as `model_fn`."""
         contexts = []  # (condition, its VideoContext): the solver passes the same condition tensors each step
 
         def model_fn(x_v, x_t, t_v, t_t, condition):
