@@ -2,21 +2,25 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
 from conftest import TINY, tiny_recipe
 from vigu_cli.build_dataset import build_dataset
 from vigu_cli.core.pipeline import UniViGUPipeline
 from vigu_cli.errors import VigUError
-from vigu_cli.train import checkpoints, configure_trainable, drop_condition, train
+from vigu_cli.train import accelerator_sharding, checkpoints, configure_trainable, drop_condition, train
+from vigu_cli.train_plan import NO_VALIDATION
 from vigu_cli.video_cache import VideoContextCache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +102,58 @@ def test_two_processes_match_one_process_with_twice_the_batch(tiny_data, tmp_pat
     for name, tensor in weights(one.parent).items():
         assert torch.allclose(tensor, weights(tmp_path / "two" / "recall")[name], atol=1e-4), name
     assert len(checkpoints(tmp_path / "two" / "recall")) == 2
+
+
+def fsdp_launch(*args):
+    """`accelerate launch` with the shipped 8xh800-fsdp config on 2 CPU processes (`fsdp_on_cpu`: Accelerate's FSDP,
+    torch's FSDP2 over gloo), the stage's parameters all trained, in float32."""
+    return subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/8xh800-fsdp.yaml",
+         "--num_processes", "2", "--mixed_precision", "no", "tests/fsdp_on_cpu.py", "train", "--stage", "recall",
+         *args],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+    )
+
+
+def test_fsdp_matches_one_process_and_resumes_from_its_sharded_checkpoints(tiny_data, tmp_path):
+    """The shipped FSDP config (FSDP2: every parameter, gradient and optimizer state sharded over the processes) on
+    2 processes == one process with the doubled batch, step for step, gradient norms (clipping) included; each
+    process writes its own shard of every checkpoint; the final folder is the whole model; and `--resume` from
+    the sharded checkpoint before the last ends with the same weights, bit for bit. The tiny recipe's embedding
+    text flow reads its token table outside the forward, which FSDP must gather (`token_embeddings`)."""
+    full = ("train.recall.trainable=full", "train.recall.max_grad_norm=1.0")
+    one = train(recipe_for(tiny_data, tmp_path / "one", *full, "train.recall.batch_size=8"), "recall")
+    args = overrides_for(tiny_data, tmp_path / "fsdp", *full, "train.recall.batch_size=4")
+    run = fsdp_launch(*args)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert NO_VALIDATION in run.stdout + run.stderr
+    stage = tmp_path / "fsdp" / "recall"
+    a, b = metrics(one.parent / "metrics.jsonl"), metrics(stage / "metrics.jsonl")
+    assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, 13))
+    assert any(m["grad_norm"] > 1.0 for m in a)  # clipping acts
+    for x, y in zip(a, b):
+        for key in ("loss", "grad_norm"):
+            assert abs(x[key] - y[key]) <= 1e-4 * max(1.0, abs(x[key])), (key, x, y)
+    straight = weights(stage)
+    for name, tensor in weights(one.parent).items():
+        assert torch.allclose(tensor, straight[name], atol=1e-4), name
+    last = checkpoints(stage)[-1]
+    assert sorted(p.name for p in (last / "pytorch_model_fsdp_0").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (last / "model.safetensors").exists()
+
+    shutil.rmtree(last)  # as if killed after the checkpoint before the last
+    shutil.rmtree(stage / "model")
+    resumed = fsdp_launch(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert all(torch.equal(tensor, weights(stage)[name]) for name, tensor in straight.items())
+    assert metrics(stage / "metrics.jsonl") == b
+
+
+def test_fsdp1_is_refused_in_one_line():
+    fsdp1 = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False)
+    with pytest.raises(VigUError, match=r"^FSDP1 \(fsdp_version: 1, accelerate's default\) is not supported: set "
+                                        r"fsdp_version: 2"):
+        accelerator_sharding(fsdp1)
 
 
 def test_trainable_text_changes_no_video_parameter(tiny_data, tmp_path):
@@ -374,7 +430,7 @@ def test_validation_on_data_the_worlds_judge_cannot_read_saves_samples_and_null_
 
 def test_with_sharded_parameters_the_final_model_is_gathered_whole_and_validation_is_skipped(tiny_data, tmp_path,
                                                                                            monkeypatch):
-    """Where no process holds the whole model (FSDP, ZeRO-3; CPU runs neither, so the run is told it is sharded):
+    """Where no process holds the whole model (FSDP, ZeRO-3; here the run is only told it is sharded, in process):
     the saved model is a whole copy loaded from `accelerator.get_state_dict`, equal to the trained weights, and
     validation, which would run the sharded model on one process, is skipped with a line saying so."""
     import vigu_cli.train as train_module

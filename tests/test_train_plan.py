@@ -87,6 +87,15 @@ def test_sharded_parameters_refuse_what_needs_the_whole_model_and_say_validation
                                                   ACCELERATE / "8xh800-deepspeed-zero2.yaml")))
 
 
+def test_an_fsdp1_config_is_refused_in_one_line(tmp_path):
+    """vigu trains with FSDP2 (the shipped configs; `test_train.py` runs it): an FSDP config without fsdp_version 2
+    (accelerate's default is 1) is refused by the plan as by the run."""
+    fsdp1 = (ACCELERATE / "8xh800-fsdp.yaml").read_text().replace("fsdp_version: 2", "fsdp_version: 1")
+    (tmp_path / "fsdp1.yaml").write_text(fsdp1)
+    with pytest.raises(VigUError, match=r"fsdp1.yaml: FSDP1 \(fsdp_version: 1, accelerate's default\) is not supported"):
+        plan(load_recipe("world-tiny"), "recall", tmp_path / "fsdp1.yaml")
+
+
 def test_a_broken_accelerate_config_is_one_line(tmp_path):
     recipe = load_recipe("world-tiny")
     (tmp_path / "bad.yaml").write_text("distributed_type: FSDP\nnum_processes: [8\n")

@@ -31,6 +31,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.distributed.fsdp import register_fsdp_forward_method
 from torch.utils.data import DataLoader
 
 from .core.convert import load_pipeline, pipeline_from_recipe, save_folder, vigu_from_wan
@@ -45,7 +46,7 @@ from .precision import default_device, fast_bfloat16
 from .evaluate import caption_accuracy, prompt_accuracy, prompt_following, world_prompted, world_truth
 from .data import world
 from .recipe import STAGES, Recipe, StageSection, stage_section
-from .train_plan import NO_VALIDATION, SHARDS_PARAMETERS, check_stage, video_cache_unused, video_loss_trains
+from .train_plan import FSDP1_REFUSED, NO_VALIDATION, SHARDS_PARAMETERS, check_stage, video_cache_unused, video_loss_trains
 from .video_cache import VideoContextCache
 
 
@@ -106,10 +107,14 @@ def configure_trainable(model, stage: StageSection) -> list[torch.nn.Parameter]:
             param.requires_grad_(name in text)
         else:
             param.requires_grad_("lora_" in name or name in text)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trained_parameters(model)
     if not params:
         raise VigUError(f"nothing to train: trainable={stage.trainable} with text_target={stage.text_target}")
     return params
+
+
+def trained_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def optimizer_groups(model, trained: list[torch.nn.Parameter], stage: StageSection) -> list[dict]:
@@ -263,6 +268,9 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
     )
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     core = accelerator.unwrap_model(model)
+    trained = trained_parameters(core)  # FSDP's prepare puts sharded parameters in the model's place
+    if sharding == "fsdp" and core.config.text_formulation == "embedding":
+        register_fsdp_forward_method(core, "token_embeddings")  # the text flow reads the table outside the forward
     if stage.compile:  # here, not Accelerate's dynamo plugin: its state is per process, set by the first Accelerator
         check_compiler(accelerator.device, stage_name)
         model = torch.compile(model)
@@ -378,6 +386,8 @@ def train(recipe: Recipe, stage_name: str, resume: bool = False) -> Path:
 def accelerator_sharding(accelerator: Accelerator) -> str:
     """How the processes hold the parameters: none (each the whole model: one process, DDP, ZeRO-1/2), fsdp or zero3."""
     if accelerator.distributed_type == DistributedType.FSDP:
+        if not accelerator.is_fsdp2:
+            raise VigUError(FSDP1_REFUSED)
         return "fsdp"
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         return f"zero{accelerator.state.deepspeed_plugin.zero_stage}"

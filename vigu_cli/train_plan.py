@@ -67,6 +67,8 @@ def video_cache_unused(stage_name: str) -> str:
 
 
 SHARDS_PARAMETERS = ("fsdp", "zero3")  # no process holds the whole model
+FSDP1_REFUSED = ("FSDP1 (fsdp_version: 1, accelerate's default) is not supported: set fsdp_version: 2 in the "
+                 "accelerate config's fsdp_config, as recipes/accelerate/8xh800-fsdp.yaml does")
 NO_VALIDATION = ("validation: not run, as no process holds the whole model (FSDP, ZeRO-3); score the saved model "
                  "with `vigu eval`")
 
@@ -107,6 +109,8 @@ def read_accelerate_config(path: str | Path | None) -> tuple[int, str]:
         raise VigUError(f"accelerate config {given} must be a mapping such as `accelerate config` writes, got "
                         f"{type(config).__name__}")
     kind = str(config.get("distributed_type", "NO")).upper()
+    if kind == "FSDP" and int((config.get("fsdp_config") or {}).get("fsdp_version", 1)) != 2:
+        raise VigUError(f"accelerate config {given}: {FSDP1_REFUSED}")
     sharding = {"FSDP": "fsdp", "DEEPSPEED": f"zero{config.get('deepspeed_config', {}).get('zero_stage', 2)}"}.get(kind, "none")
     return int(config.get("num_processes", 1)), sharding
 

@@ -440,6 +440,13 @@ class UniViGUTransformer(WanTransformer3DModel):
         model._copy_video_to_text()
         return model
 
+    def token_embeddings(self) -> torch.Tensor:
+        """The embedding flow's token table `[vocab, d_t]`, read through the embedding's forward: the text flow
+        reads it outside the transformer's forward (the clean text it noises, the rounding loss), so training
+        under FSDP registers this method as one of the root's forwards (`register_fsdp_forward_method`), which
+        gathers the sharded rows the way a forward does."""
+        return self.text_embedding(torch.arange(self.text_embedding.num_embeddings, device=self.text_embedding.weight.device))
+
     def text_parameter_names(self) -> list[str]:
         """State-dict names of the parameters a stock Wan transformer does not have."""
         return [

@@ -133,10 +133,9 @@ class EmbeddingTextFlow(TextFlow):
 
     @staticmethod
     def table(model) -> torch.Tensor:
-        """E with every row at norm sqrt(d_t), the scale of a N(0, I) draw. Read through the embedding's
-        forward, not `.weight`, so that a sharded (FSDP) embedding gathers its rows first."""
-        embedding = model.text_embedding
-        rows = embedding(torch.arange(embedding.num_embeddings, device=embedding.weight.device))
+        """E with every row at norm sqrt(d_t), the scale of a N(0, I) draw (`token_embeddings`, which a sharded
+        model gathers)."""
+        rows = model.token_embeddings()
         return F.normalize(rows.float(), dim=-1) * math.sqrt(rows.shape[-1])
 
     def clean(self, model, ids):
