@@ -115,15 +115,21 @@ def fsdp_launch(*args):
     )
 
 
-def test_fsdp_matches_one_process_and_resumes_from_its_sharded_checkpoints(tiny_data, tmp_path):
+@pytest.mark.parametrize("settings", [
+    ("train.recall.trainable=full",),
+    ("train.recall.trainable=text", "text.formulation=discrete", "text.video_attends_text=false", "text.video_keys=text"),
+], ids=["wan", "world-tiny"])
+def test_fsdp_matches_one_process_and_resumes_from_its_sharded_checkpoints(tiny_data, tmp_path, settings):
     """The shipped FSDP config (FSDP2: every parameter, gradient and optimizer state sharded over the processes) on
     2 processes == one process with the doubled batch, step for step, gradient norms (clipping) included; each
     process writes its own shard of every checkpoint; the final folder is the whole model; and `--resume` from
-    the sharded checkpoint before the last ends with the same weights, bit for bit. The tiny recipe's embedding
-    text flow reads its token table outside the forward, which FSDP must gather (`token_embeddings`)."""
-    full = ("train.recall.trainable=full", "train.recall.max_grad_norm=1.0")
-    one = train(recipe_for(tiny_data, tmp_path / "one", *full, "train.recall.batch_size=8"), "recall")
-    args = overrides_for(tiny_data, tmp_path / "fsdp", *full, "train.recall.batch_size=4")
+    the sharded checkpoint before the last ends with the same weights, bit for bit. `wan`: the Wan recipes'
+    training (every parameter trained; the embedding text flow, whose token table is read outside the forward
+    and must be gathered: `token_embeddings`); `world-tiny`: the text alone trained, over a video that does not
+    read it and runs only as far as the text reads it (the last block's attention input)."""
+    settings = (*settings, "train.recall.max_grad_norm=1.0")
+    one = train(recipe_for(tiny_data, tmp_path / "one", *settings, "train.recall.batch_size=8"), "recall")
+    args = overrides_for(tiny_data, tmp_path / "fsdp", *settings, "train.recall.batch_size=4")
     run = fsdp_launch(*args)
     assert run.returncode == 0, run.stderr[-3000:]
     assert NO_VALIDATION in run.stdout + run.stderr

@@ -211,15 +211,20 @@ class UniViGUTransformerBlock(WanTransformerBlock):
         video_tokens: torch.Tensor | None = None,
         video_keys_values: tuple[torch.Tensor, torch.Tensor] | None = None,
         prompt_keys_values: tuple[torch.Tensor, torch.Tensor] | None = None,
+        video_read_only: bool = False,
     ):
         """Without text: the stock block. With text: returns `(video or None, text)`; `rotary_emb` then
         covers `[video ; text]` and `temb`, `temb_text` are `[B, 6, D]` projections. `video_tokens` (with no
         `hidden_states`): this block's tokens of a `VideoContext`, which the text queries read;
         `video_keys_values`: its keys and values as they read them (`video_keys_values()`), used in their place;
         `prompt_keys_values` (with no video): those the text's cross-attention reads of the prompt
-        (`prompt_keys_values()`), used in place of `encoder_hidden_states`."""
+        (`prompt_keys_values()`), used in place of `encoder_hidden_states`. `video_read_only` (a video that does
+        not attend to the text): the video runs only as far as the text reads it, its attention input, and the
+        block returns no video."""
         if text_hidden_states is None:
             return super().forward(hidden_states, encoder_hidden_states, temb, rotary_emb)
+        if video_read_only:
+            video_tokens, hidden_states = self.attention_input(hidden_states, temb), None
         streams = [(hidden_states, temb, self.attn2, self.ffn),
                    (text_hidden_states, temb_text, getattr(self, "attn2_text", self.attn2), self.ffn_text)]
         streams = [stream for stream in streams if stream[0] is not None]
@@ -566,10 +571,9 @@ class UniViGUTransformer(WanTransformer3DModel):
         cached = ((video_context.tokens, video_context.keys_values or none, video_context.prompt_keys_values or none)
                   if video_context is not None else (none, none, none))
         for index, (block, video_tokens, keys_values, prompt_keys_values) in enumerate(zip(self.blocks, *cached)):
-            if video is not None and not video_prediction and index == len(self.blocks) - 1:
-                video_tokens, video = block.attention_input(video, timestep_proj), None  # only the text reads it
+            read_only = video is not None and not video_prediction and index == len(self.blocks) - 1
             args = (video, encoder_hidden_states, timestep_proj, rotary_emb, text, timestep_proj_text, video_tokens,
-                    keys_values, prompt_keys_values)
+                    keys_values, prompt_keys_values, read_only)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 video, text = self._gradient_checkpointing_func(block, *args)
             else:
